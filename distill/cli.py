@@ -1,0 +1,37 @@
+"""The `distill` command line: one subcommand per job, bad input -> one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from distill.errors import UserInputError
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from distill.commands import student
+
+    parser = argparse.ArgumentParser(
+        prog="distill", description="Distill a Stable Diffusion teacher into a compact student."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in (student,):
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UserInputError as error:
+        print(f"distill {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Which teacher tensor initializes which student tensor, derived from the two UNet configs.
+
+The rule (BK-SDM, small-stable-diffusion-v0), stated on diffusers' generic UNet naming:
+
+- Blocks align from the outside in. Student down block i is teacher down block i; when the student
+  has fewer stages (variant `tiny`), the deepest ones are the ones missing, so student up block i is
+  teacher up block i + (n_teacher - n_student).
+- A down block keeps its first layers: student `resnets.j` <- teacher `resnets.j`.
+- An up block has `layers_per_block + 1` layers, and its LAST one takes the skip connection from the
+  previous stage's downsampler (or conv_in), so it has a different input width from the others. A
+  student up block therefore keeps the teacher's first layers and its last one: with one layer per
+  block, student `resnets.1` <- teacher `resnets.2` (copying teacher `resnets.1` fails on shape:
+  1920 vs 2560 input channels in SD v1.4's second up block).
+- Everything else (conv_in, time embedding, added-condition embeddings, mid block, samplers, norms,
+  conv_out) keeps its name.
+
+No name is model-specific, and nothing here looks at weights: the builder checks every shape.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from students.variants import max_layers_per_block
+
+# `down_blocks.1.resnets.0.conv1.weight` -> ("down_blocks", "1", "resnets", "0", "conv1.weight")
+_LAYER_KEY = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$")
+_BLOCK_KEY = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(.+)$")
+
+
+def layer_index_map(student_layers: int, teacher_layers: int, keep_last: bool) -> list[int]:
+    """Teacher layer index for each student layer of one block.
+
+    >>> layer_index_map(1, 2, keep_last=False)  # down block
+    [0]
+    >>> layer_index_map(2, 3, keep_last=True)  # up block: first and last
+    [0, 2]
+    """
+    if student_layers > teacher_layers:
+        raise ValueError(f"student has {student_layers} layers, teacher only {teacher_layers}")
+    if not keep_last:
+        return list(range(student_layers))
+    return list(range(student_layers - 1)) + [teacher_layers - 1]
+
+
+def block_pairs(
+    student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
+) -> list[tuple[str, str]]:
+    """(student module path, teacher module path) for every stage output, in forward order.
+
+    These are the natural layer pairs for feature distillation: each has the same resolution and,
+    for the block-removal variants, the same width on both sides.
+    """
+    offset = _up_block_offset(student_config, teacher_config)
+    n_student = len(student_config["down_block_types"])
+    pairs = [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(n_student)]
+    if (
+        student_config.get("mid_block_type", "") is not None
+        and teacher_config.get("mid_block_type", "") is not None
+    ):
+        pairs.append(("mid_block", "mid_block"))
+    pairs += [(f"up_blocks.{i}", f"up_blocks.{i + offset}") for i in range(n_student)]
+    return pairs
+
+
+def teacher_key_for(
+    student_key: str, student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
+) -> str:
+    """The teacher state-dict key whose tensor initializes `student_key` (it may not exist)."""
+    offset = _up_block_offset(student_config, teacher_config)
+    match = _LAYER_KEY.match(student_key)
+    if match:
+        kind, block, layer_kind, layer, rest = match.groups()
+        block, layer = int(block), int(layer)
+        student_layers = _layers_in_block(student_config, kind, block)
+        teacher_block = block + offset if kind == "up_blocks" else block
+        teacher_layers = _layers_in_block(teacher_config, kind, teacher_block)
+        index = layer_index_map(student_layers, teacher_layers, keep_last=kind == "up_blocks")
+        return f"{kind}.{teacher_block}.{layer_kind}.{index[layer]}.{rest}"
+    match = _BLOCK_KEY.match(student_key)
+    if match and match.group(1) == "up_blocks":  # up-block samplers move with their block
+        return f"up_blocks.{int(match.group(2)) + offset}.{match.group(3)}"
+    return student_key
+
+
+def init_map(
+    student_keys: Iterable[str],
+    student_config: Mapping[str, Any],
+    teacher_config: Mapping[str, Any],
+) -> dict[str, str]:
+    """Student key -> teacher key for every student key (shapes are checked by the builder)."""
+    return {k: teacher_key_for(k, student_config, teacher_config) for k in student_keys}
+
+
+def _up_block_offset(student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]) -> int:
+    offset = len(teacher_config["up_block_types"]) - len(student_config["up_block_types"])
+    if offset < 0:
+        raise ValueError("the student has more stages than the teacher")
+    return offset
+
+
+def _layers_in_block(config: Mapping[str, Any], kind: str, block: int) -> int:
+    """Layers (resnets) in one block: `layers_per_block`, plus one in up blocks."""
+    layers = config["layers_per_block"]
+    if isinstance(layers, list | tuple):
+        # diffusers reverses per-block layer counts for the up path
+        per_block = list(layers) if kind == "down_blocks" else list(reversed(layers))
+        count = per_block[block]
+    else:
+        count = max_layers_per_block(config)
+    return count + 1 if kind == "up_blocks" else count

@@ -1,0 +1,126 @@
+"""Student variants as data, and the config transform that turns a teacher UNet config into one.
+
+The three variants are the block-removal students of BK-SDM (Kim et al. 2023), of which `base` is
+also the student of small-stable-diffusion-v0:
+
+- `base`:  every stage keeps one layer (`layers_per_block=1`) instead of two.
+- `small`: `base` without the mid block.
+- `tiny`:  `small` without the deepest stage (last down block and first up block).
+
+The transform works on any diffusers `UNet2DConditionModel` config (SD 1.x, SD 2.x, SDXL): it only
+edits the keys diffusers defines per block, so per-block lists stay aligned with the blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from distill.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class StudentVariant:
+    name: str
+    description: str
+    layers_per_block: int = 1
+    keep_mid_block: bool = True
+    drop_deepest_stage: bool = False
+
+
+VARIANTS: dict[str, StudentVariant] = {
+    v.name: v
+    for v in (
+        StudentVariant("base", "layers_per_block=1 (small-stable-diffusion-v0, BK-SDM-Base)"),
+        StudentVariant("small", "base without the mid block (BK-SDM-Small)", keep_mid_block=False),
+        StudentVariant(
+            "tiny",
+            "small without the deepest stage (BK-SDM-Tiny)",
+            keep_mid_block=False,
+            drop_deepest_stage=True,
+        ),
+    )
+}
+
+# Keys of UNet2DConditionModel's config that may hold one entry per block, listed in down-block
+# order (index 0 = highest resolution) or in up-block order (index 0 = lowest resolution).
+_PER_BLOCK_DOWN_ORDER = (
+    "block_out_channels",
+    "down_block_types",
+    "attention_head_dim",
+    "num_attention_heads",
+    "cross_attention_dim",
+    "only_cross_attention",
+    "transformer_layers_per_block",
+    "layers_per_block",
+)
+_PER_BLOCK_UP_ORDER = ("up_block_types", "reverse_transformer_layers_per_block")
+
+
+def get_variant(name: str | StudentVariant) -> StudentVariant:
+    if isinstance(name, StudentVariant):
+        return name
+    if name not in VARIANTS:
+        raise UserInputError(f"unknown student variant {name!r}; choose one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def max_layers_per_block(config: Mapping[str, Any]) -> int:
+    layers = config["layers_per_block"]
+    return max(layers) if isinstance(layers, list | tuple) else int(layers)
+
+
+def student_config(teacher_config: Mapping[str, Any], variant: str | StudentVariant) -> dict:
+    """The student's UNet config: the teacher's with fewer layers, blocks or no mid block.
+
+    Raises UserInputError when the teacher cannot be shrunk this way (already one layer per block
+    for `base`, or too few stages for `tiny`).
+    """
+    variant = get_variant(variant)
+    config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    teacher_layers = max_layers_per_block(config)
+    if variant.name == "base" and teacher_layers <= variant.layers_per_block:
+        raise UserInputError(
+            f"teacher already has layers_per_block={teacher_layers}; "
+            f"variant 'base' needs a teacher with more than {variant.layers_per_block}"
+        )
+    config["layers_per_block"] = variant.layers_per_block
+    config = _prune_nested_transformer_layers(config, variant.layers_per_block)
+    if not variant.keep_mid_block:
+        config["mid_block_type"] = None
+    if variant.drop_deepest_stage:
+        config = _drop_deepest_stage(config)
+    return config
+
+
+def _drop_deepest_stage(config: dict) -> dict:
+    n_blocks = len(config["down_block_types"])
+    if n_blocks < 2:
+        raise UserInputError(f"a teacher with {n_blocks} stage(s) has no stage to drop for 'tiny'")
+    for key in _PER_BLOCK_DOWN_ORDER:
+        if _is_per_block(config.get(key), n_blocks):
+            config[key] = list(config[key])[:-1]  # the deepest stage is the last down block
+    for key in _PER_BLOCK_UP_ORDER:
+        if _is_per_block(config.get(key), n_blocks):
+            config[key] = list(config[key])[1:]  # ...and the first up block
+    return config
+
+
+def _prune_nested_transformer_layers(config: dict, layers: int) -> dict:
+    """Per-layer transformer depths (lists of lists) must shrink with the layer count.
+
+    Down blocks keep their first `layers` entries; up blocks (one more layer each) keep their first
+    `layers` and their last, matching the layer map in `students.init_map`.
+    """
+    down = config.get("transformer_layers_per_block")
+    if isinstance(down, list | tuple) and down and isinstance(down[0], list | tuple):
+        config["transformer_layers_per_block"] = [list(d[:layers]) for d in down]
+    up = config.get("reverse_transformer_layers_per_block")
+    if isinstance(up, list | tuple) and up and isinstance(up[0], list | tuple):
+        config["reverse_transformer_layers_per_block"] = [list(u[:layers]) + [u[-1]] for u in up]
+    return config
+
+
+def _is_per_block(value: Any, n_blocks: int) -> bool:
+    return isinstance(value, list | tuple) and len(value) == n_blocks
