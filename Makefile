@@ -37,7 +37,7 @@ test: setup
 	$(PY) -m pytest -m "not slow"
 
 lint: setup
-	$(VENV)/bin/ruff check distill students eval tests benchmarks
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

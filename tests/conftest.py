@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny real models with the Stable Diffusion block layout (seeded)."""
+"""Shared fixtures; the models behind them live in `testkit`."""
 
 from __future__ import annotations
 
@@ -6,25 +6,12 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-# SD v1.x's layout in miniature: cross-attention in every stage but the deepest, two layers per
-# block, so the student builder's pruning applies exactly as it does to SD v1.4.
-TINY_SD_UNET_CONFIG = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [16, 32, 32],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "layers_per_block": 2,
-    "cross_attention_dim": 16,
-    "attention_head_dim": 4,
-    "norm_num_groups": 8,
-}
+from testkit.unets import make_tiny_teacher
 
-
-def make_tiny_teacher(seed: int = 0, **overrides) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**{**TINY_SD_UNET_CONFIG, **overrides}).eval()
+# The test models are tiny: a second intra-op thread buys nothing, and when another process holds
+# the other core OpenMP's spin-waiting makes two-thread kernels ~100x slower (measured: 12 s vs
+# 0.08 s for one tiny-UNet training step on this 2-core machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

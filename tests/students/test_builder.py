@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 
 from students import build_student, builtin_teachers, count_params, forward_gflops
 from students.teachers import load_teacher_unet
-from tests.conftest import make_tiny_teacher
+from testkit.unets import make_tiny_teacher
 
 SD_V1_4_PARAMS = {
     "teacher": 859_520_964,

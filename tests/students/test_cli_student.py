@@ -12,7 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from distill.cli import main
-from tests.conftest import make_tiny_teacher
+from testkit.unets import make_tiny_teacher
 
 JSON_KEYS = {
     "teacher_params",
