@@ -1,0 +1,117 @@
+"""Similarity-based layer matching (after Lu et al. 2022, arXiv 2206.14366; OFA-Compress `nst`).
+
+Per sample, a feature map is flattened to H ∈ R^{N×C} (N positions, C channels) and compared
+through its position-by-position similarity G = H·Hᵀ / C ∈ R^{N×N}. G has no channel axis, so a
+student layer of width 320 can match a teacher layer of width 640: L = Σ_l MSE(G_S^l, G_T^l).
+
+G grows with N²: at 64×64 latents N = 4096 and G is 64 MB per sample in fp32. The maps are first
+adaptive-average-pooled so that N ≤ max_positions (default 256, i.e. 16×16).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.errors import UserInputError
+from distill.losses.feature_kd import feature_pairs
+
+
+def pooled_grid_size(height: int, width: int, max_positions: int) -> tuple[int, int]:
+    """The largest (h, w) ≤ (height, width) with h·w ≤ max_positions, keeping the aspect ratio.
+
+    64×64 with a cap of 256 gives 16×16; maps already within the cap keep their size.
+    """
+    if max_positions < 1:
+        raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+    if height * width <= max_positions:
+        return height, width
+    scale = math.sqrt(max_positions / (height * width))
+    # The small epsilon keeps e.g. 64 * 0.25 from flooring to 15 through float rounding.
+    pooled_height = max(1, min(height, max_positions, math.floor(height * scale + 1e-6)))
+    pooled_width = max(1, min(width, max_positions // pooled_height))
+    return pooled_height, pooled_width
+
+
+def pooled_tokens(features: Tensor, max_positions: int) -> Tensor:
+    """Features as tokens (B, N, C) with N ≤ max_positions, average-pooled over positions.
+
+    (B, C, H, W) maps are pooled on their 2-D grid. (B, N, C) token sequences (attention inputs and
+    outputs in diffusers are raster-ordered H·W tokens) are pooled on a square √N×√N grid when N is
+    a perfect square, else with a 1-D pool along the sequence (neighbours in raster order).
+    """
+    if features.dim() == 4:
+        height, width = features.shape[-2:]
+        grid = pooled_grid_size(height, width, max_positions)
+        if grid != (height, width):
+            features = F.adaptive_avg_pool2d(features, grid)
+        return features.flatten(2).transpose(1, 2)  # (B, N, C)
+    if features.dim() == 3:
+        batch, positions, channels = features.shape
+        if positions <= max_positions:
+            return features
+        side = math.isqrt(positions)
+        if side * side == positions:
+            grid_map = features.transpose(1, 2).reshape(batch, channels, side, side)
+            return pooled_tokens(grid_map, max_positions)
+        pooled = F.adaptive_avg_pool1d(features.transpose(1, 2), max_positions)  # (B, C, N')
+        return pooled.transpose(1, 2)
+    raise ValueError(
+        f"expected features of shape (B, C, H, W) or (B, N, C), got {tuple(features.shape)}"
+    )
+
+
+def similarity_matrix(features: Tensor, max_positions: int) -> Tensor:
+    """G = H·Hᵀ / C per sample, shape (B, N, N), fp32; features (B, C, H, W) or (B, N, C).
+
+    Computed in fp32 with autocast off, because under bf16 autocast the matmul would run in bf16:
+    bf16 keeps 8 significant bits (relative rounding ≈ 0.4%), each entry of G is a sum over C
+    products, and the loss is the difference of two such matrices: once the student is close to
+    the teacher, that difference is as small as the rounding and the gradient becomes noise.
+    """
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        tokens = pooled_tokens(features.float(), max_positions)  # (B, N, C)
+        return torch.bmm(tokens, tokens.transpose(1, 2)) / tokens.shape[-1]  # (B, N, N)
+
+
+class SimilarityMatchingLoss(nn.Module):
+    """Σ over layer pairs of MSE(G_S, G_T); student and teacher widths may differ."""
+
+    name: ClassVar[str] = "similarity"
+    uses_teacher: ClassVar[bool] = True
+    uses_features: ClassVar[bool] = True
+
+    def __init__(self, max_positions: int = 256) -> None:
+        super().__init__()
+        if not isinstance(max_positions, int) or max_positions < 1:
+            raise UserInputError(f"max_positions must be a positive integer, got {max_positions!r}")
+        self.max_positions = max_positions
+
+    def forward(
+        self,
+        student_feats: Mapping[str, Tensor],
+        teacher_feats: Mapping[str, Tensor],
+        pairs: Sequence[tuple[str, str]],
+    ) -> dict[str, Tensor]:
+        total = None
+        for pair, student, teacher in feature_pairs(student_feats, teacher_feats, pairs, self.name):
+            student_gram = similarity_matrix(student, self.max_positions)
+            teacher_gram = similarity_matrix(teacher, self.max_positions)
+            if student_gram.shape != teacher_gram.shape:
+                raise UserInputError(
+                    f"similarity pair {pair}: student similarity {tuple(student_gram.shape)} != "
+                    f"teacher similarity {tuple(teacher_gram.shape)}; paired layers need the same "
+                    f"batch and spatial size (student {tuple(student.shape)}, teacher "
+                    f"{tuple(teacher.shape)})"
+                )
+            term = F.mse_loss(student_gram, teacher_gram)
+            total = term if total is None else total + term
+        return {"similarity": total}
+
+    def extra_repr(self) -> str:
+        return f"max_positions={self.max_positions}"
