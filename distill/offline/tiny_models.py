@@ -1,0 +1,120 @@
+"""Stable Diffusion v1 components in miniature, for the offline Fashion-MNIST teachers.
+
+Same classes and block layout as SD v1.4 (AutoencoderKL, UNet2DConditionModel with CrossAttn
+down/up blocks and a cross-attention mid block, CLIPTextModel + the real CLIP tokenizer), scaled
+down so a teacher trains on 2 CPU cores:
+
+    image (B, 3, 32, 32) --VAE f=4--> latents (B, 4, 8, 8) --UNet, 3 stages: 8 → 4 → 2 px
+    caption --CLIP BPE--> ids (B, 77) --random frozen CLIPTextModel--> context (B, 77, D)
+
+The UNet keeps `layers_per_block=2`, so the student builder's `layers_per_block=1` pruning
+applies to it exactly as to SD v1.4.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from distill.offline.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE
+
+LATENT_CHANNELS = 4
+
+# SD v1.4's noise schedule (scheduler_config.json of CompVis/stable-diffusion-v1-4).
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+)
+
+
+def tiny_vae(
+    block_out_channels: tuple[int, ...] = (32, 64, 64),
+    layers_per_block: int = 1,
+    norm_num_groups: int = 8,
+    image_size: int = 32,
+) -> AutoencoderKL:
+    """An AutoencoderKL with f = 2**(len(block_out_channels) - 1): 3 blocks give f=4, 32 → 8 px."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=norm_num_groups,
+        sample_size=image_size,
+    )
+
+
+def tiny_text_encoder(
+    seed: int,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    initializer_factor: float = 1.0,
+) -> CLIPTextModel:
+    """A randomly initialised, frozen CLIPTextModel over the real 49,408-token CLIP vocabulary.
+
+    `seed` fixes the weights. `initializer_factor` scales every init std (transformers' CLIP
+    init): larger values mix more caption content into every position of the (B, 77, D) output.
+    """
+    config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        initializer_factor=initializer_factor,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPTextModel(config)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def tiny_unet(
+    cross_attention_dim: int = 32,
+    block_out_channels: tuple[int, ...] = (32, 64, 64),
+    layers_per_block: int = 2,
+    attention_head_dim: int = 4,
+    norm_num_groups: int = 8,
+    sample_size: int = 8,
+) -> UNet2DConditionModel:
+    """SD v1's UNet layout in miniature: CrossAttn down blocks then one plain DownBlock2D,
+    a cross-attention mid block, mirrored up blocks. `sample_size` is the latent side."""
+    stages = len(block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        down_block_types=("CrossAttnDownBlock2D",) * (stages - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (stages - 1),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        # diffusers' legacy naming, as in SD v1.4's config: this is the number of heads.
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+    )
+
+
+def training_noise_scheduler() -> DDPMScheduler:
+    """The DDPM forward process SD v1 was trained with (epsilon prediction)."""
+    return DDPMScheduler(**SD_SCHEDULE, clip_sample=False)
+
+
+def sampling_scheduler() -> PNDMScheduler:
+    """SD v1.4's default sampler, as shipped in its pipeline folder."""
+    return PNDMScheduler(
+        **SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1
+    )

@@ -1,0 +1,475 @@
+"""Data layer: sources, preprocessing, and the latent + text-embedding cache, on tiny seeded real
+models (a (8, 16) AutoencoderKL, a 2-layer CLIP text encoder, the real CLIP tokenizer)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import pickle
+import tarfile
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from distill.data import (
+    LatentCache,
+    PreprocessSpec,
+    build_latent_cache,
+    flip_choice,
+    load_image_text_dataset,
+    preprocess_image,
+    sample_latents,
+    streaming_fingerprint,
+)
+from distill.data.cache import cache_key_inputs
+from distill.data.fingerprint import stable_hash
+from distill.data.preprocess import crop_box
+from distill.data.shards import META_FILE, SHARD_GLOB
+from distill.data.sources import expand_braces
+from distill.errors import UserInputError
+from distill.offline.fashion_mnist import FASHION_MNIST_DIR
+from distill.offline.tokenizer import build_clip_tokenizer
+
+RESOLUTION = 16  # the (8, 16) VAE downsamples once: 4×8×8 latents, like the offline world
+SPEC = PreprocessSpec(RESOLUTION, center_crop=True, random_flip=True)
+
+# (file, caption, size): rows 5 and 7 have unusable captions, row "broken" is not an image.
+ROWS = [
+    ("a.png", "a red square", (24, 20)),
+    ("b.png", "a blue circle", (16, 30)),
+    ("broken.png", "a broken file", None),
+    ("c.png", "a red square", (20, 20)),  # same caption as a.png: stored once per shard
+    ("d.png", "a green line", (40, 17)),
+    ("e.png", "a tall tree", (18, 33)),
+    ("f.png", "", (20, 20)),
+    ("g.png", None, (20, 20)),
+]
+USABLE = 5
+SKIPPED = {"unreadable_image": 1, "bad_caption": 2}
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=RESOLUTION,
+    ).eval()
+
+
+def tiny_text_encoder(tokenizer) -> CLIPTextModel:
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tokenizer = build_clip_tokenizer(cache_dir=str(tmp_path_factory.mktemp("tokenizer")))
+    return SimpleNamespace(
+        vae=tiny_vae(), text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer
+    )
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hf-datasets")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """The LAION/BK-SDM layout: images plus metadata.jsonl with `file_name` and `text`."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for name, caption, size in ROWS:
+            if size is None:
+                (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n but not really a png")
+            else:
+                pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / name)
+            metadata.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(image_folder, hf_cache) -> datasets.Dataset:
+    return load_image_text_dataset(str(image_folder), cache_dir=hf_cache)
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("latent-cache")
+
+
+@pytest.fixture(scope="module")
+def cache(dataset, models, cache_root) -> LatentCache:
+    return build(dataset, models, cache_root)
+
+
+def build(dataset, models, cache_root, **overrides) -> LatentCache:
+    arguments = dict(
+        vae=models.vae,
+        text_encoder=models.text_encoder,
+        tokenizer=models.tokenizer,
+        preprocess=SPEC,
+        cache_root=cache_root,
+        batch_size=2,
+        progress=False,
+    )
+    return build_latent_cache(dataset, **{**arguments, **overrides})
+
+
+@contextmanager
+def count_encoded(models):
+    """Count images through the VAE encoder and captions through the text encoder."""
+    counts = {"images": 0, "captions": 0}
+
+    def vae_hook(module, inputs, output):
+        counts["images"] += inputs[0].shape[0]
+
+    def text_hook(module, inputs, output):
+        counts["captions"] += inputs[0].shape[0]
+
+    handles = [
+        models.vae.encoder.register_forward_hook(vae_hook),
+        models.text_encoder.register_forward_hook(text_hook),
+    ]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def reference_text_embedding(models, caption: str) -> torch.Tensor:
+    tokens = models.tokenizer(
+        caption, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        return models.text_encoder(tokens.input_ids).last_hidden_state[0]
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_imagefolder_rows_are_pil_images_and_captions(dataset):
+    assert dataset.column_names == ["image", "text"]
+    assert len(dataset) == len(ROWS)
+    captions = sorted(c for c in dataset["text"] if c)
+    assert captions == sorted(c for _, c, _ in ROWS if c)
+
+
+def test_missing_column_is_named_with_the_available_columns(image_folder, hf_cache):
+    with pytest.raises(
+        UserInputError, match=r"'caption' not found.*available columns: image, text"
+    ):
+        load_image_text_dataset(str(image_folder), text_column="caption", cache_dir=hf_cache)
+
+
+def test_missing_folder_and_missing_shards_are_user_errors(tmp_path):
+    with pytest.raises(UserInputError, match="does not exist"):
+        load_image_text_dataset(str(tmp_path / "no-such-folder"))
+    with pytest.raises(UserInputError, match="no webdataset shards match"):
+        load_image_text_dataset(str(tmp_path / "shard-{000..003}.tar"))
+
+
+def test_unreachable_hub_dataset_is_a_user_error(monkeypatch):
+    # What the offline world sees, without waiting for the hub client's network retries.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(UserInputError, match="'someone/no-such-dataset' could not be loaded"):
+        load_image_text_dataset("someone/no-such-dataset")
+
+
+def test_saved_to_disk_dataset_loads_with_renamed_columns(dataset, tmp_path):
+    readable = [
+        i for i, text in enumerate(dataset["text"]) if text in ("a blue circle", "a tall tree")
+    ]
+    good = dataset.select(readable)
+    good.rename_column("text", "caption").save_to_disk(str(tmp_path / "saved"))
+    loaded = load_image_text_dataset(str(tmp_path / "saved"), text_column="caption")
+    assert loaded.column_names == ["image", "text"]
+    assert loaded["text"] == good["text"]
+    assert isinstance(loaded[0]["image"], Image.Image)
+    first = load_image_text_dataset(str(tmp_path / "saved"), text_column="caption", max_samples=1)
+    assert first["text"] == good["text"][:1]
+
+
+def test_brace_patterns_expand_like_webdataset():
+    assert expand_braces("s-{008..010}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar"]
+    assert expand_braces("{a,b}-{0..1}.tar") == ["a-0.tar", "a-1.tar", "b-0.tar", "b-1.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian dataset-fashion-mnist missing")
+def test_fashion_mnist_is_the_offline_source():
+    rows = load_image_text_dataset("fashion-mnist", max_samples=4)
+    assert rows.column_names == ["image", "text"] and len(rows) == 4
+    assert rows[0]["image"].size == (28, 28) and isinstance(rows[0]["text"], str)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_gives_rgb_square_in_minus_one_to_one():
+    grey = Image.new("L", (37, 23), color=51)  # greyscale, not square, not the target size
+    pixels = preprocess_image(grey, PreprocessSpec(RESOLUTION))
+    assert pixels.shape == (3, RESOLUTION, RESOLUTION) and pixels.dtype == torch.float32
+    torch.testing.assert_close(pixels, torch.full_like(pixels, 51 / 255 * 2 - 1))
+
+
+def test_center_crop_keeps_the_middle_and_flip_mirrors_it():
+    # Column x has value x: a 48×16 image needs no resize at R=16, so the crop shows exactly.
+    columns = np.tile(np.arange(48, dtype=np.uint8), (16, 1))
+    image = Image.fromarray(np.stack([columns] * 3, axis=-1))
+    pixels = preprocess_image(image, PreprocessSpec(16))
+    torch.testing.assert_close(pixels[0, 0], torch.arange(16, 32) / 255 * 2 - 1)
+    flipped = preprocess_image(image, PreprocessSpec(16), flip=True)
+    assert torch.equal(flipped, pixels.flip(-1))
+
+
+def test_random_crop_is_reproducible_from_its_generator():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    spec = PreprocessSpec(16, center_crop=False)
+    first = preprocess_image(image, spec, generator=torch.Generator().manual_seed(3))
+    again = preprocess_image(image, spec, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, again)
+    # 60×40 resizes to 24×16: only the left offset (0..8) is random, and seeds move it.
+    lefts = {
+        crop_box(16, 24, 16, center=False, generator=torch.Generator().manual_seed(s))[1]
+        for s in range(8)
+    }
+    assert len(lefts) > 1 and lefts <= set(range(9))
+
+
+def test_preprocess_fingerprint_is_stable_and_covers_every_field():
+    spec = PreprocessSpec(512)
+    assert spec.fingerprint() == PreprocessSpec(512).fingerprint() == "3893fd085663b0db"
+    variants = {
+        PreprocessSpec(256).fingerprint(),
+        PreprocessSpec(512, center_crop=False).fingerprint(),
+        PreprocessSpec(512, random_flip=True).fingerprint(),
+    }
+    assert spec.fingerprint() not in variants and len(variants) == 3
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def test_cache_keeps_usable_rows_and_counts_the_skipped(cache, cache_root):
+    assert len(cache) == USABLE
+    assert cache.skipped == SKIPPED
+    meta = json.loads((cache.folder / META_FILE).read_text())
+    assert meta["source_rows"] == len(ROWS) and meta["skipped"] == SKIPPED
+    assert meta["latent_shape"] == [4, 8, 8] and meta["num_variants"] == 2
+    assert cache.folder.parent == cache_root
+
+
+def test_cached_posterior_equals_direct_vae_encode_for_both_flips(cache, dataset, models):
+    for index in range(len(cache)):
+        row = dataset[int(cache.item(index)["source_index"])]
+        for variant, flip in ((0, False), (1, True)):
+            item = cache.item(index, variant)
+            pixels = preprocess_image(row["image"], SPEC, flip=flip)[None]  # (1, 3, R, R)
+            with torch.no_grad():
+                posterior = models.vae.encode(pixels).latent_dist
+            torch.testing.assert_close(item["latent_mean"], posterior.mean[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(item["latent_std"], posterior.std[0], atol=1e-5, rtol=1e-4)
+        original, flipped = cache.item(index, 0), cache.item(index, 1)
+        # The flipped image is encoded on its own: its latents are not the mirrored latents.
+        assert not torch.allclose(flipped["latent_mean"], original["latent_mean"].flip(-1))
+        torch.testing.assert_close(
+            original["text_embedding"], reference_text_embedding(models, row["text"])
+        )
+
+
+def test_empty_prompt_embedding_is_stored_once(cache, models):
+    assert cache.empty_text_embedding.shape == (77, 32)
+    torch.testing.assert_close(cache.empty_text_embedding, reference_text_embedding(models, ""))
+
+
+def test_repeated_captions_are_stored_once_per_shard(cache):
+    with safe_open(str(next(cache.folder.glob(SHARD_GLOB))), framework="pt") as shard:
+        assert shard.get_slice("text_slot").get_shape() == [USABLE]
+        assert shard.get_slice("text_embedding").get_shape() == [USABLE - 1, 77, 32]
+
+
+def test_second_build_reuses_the_cache_without_encoding(cache, dataset, models, cache_root):
+    mtimes = {path: path.stat().st_mtime_ns for path in cache.folder.iterdir()}
+    with count_encoded(models) as counts:
+        again = build(dataset, models, cache_root)
+    assert counts == {"images": 0, "captions": 0}
+    assert again.folder == cache.folder
+    assert {path: path.stat().st_mtime_ns for path in cache.folder.iterdir()} == mtimes
+
+
+def test_cache_key_follows_vae_weights_not_object_identity(dataset, models):
+    def key(vae, preprocess=SPEC):
+        inputs = cache_key_inputs(
+            dataset_fingerprint=dataset._fingerprint,
+            vae=vae,
+            text_encoder=models.text_encoder,
+            tokenizer=models.tokenizer,
+            preprocess=preprocess,
+            dtype=torch.float32,
+        )
+        return stable_hash(inputs)
+
+    perturbed = copy.deepcopy(models.vae)
+    with torch.no_grad():
+        perturbed.encoder.conv_in.weight[0, 0, 0, 0] += 1e-3
+    assert key(tiny_vae(seed=0)) == key(models.vae)  # a separate object, same weights
+    assert key(perturbed) != key(models.vae)
+    assert key(models.vae, PreprocessSpec(RESOLUTION)) != key(models.vae)
+
+
+def test_changed_vae_builds_a_separate_cache(cache, dataset, models, cache_root):
+    perturbed = copy.deepcopy(models.vae)
+    with torch.no_grad():
+        perturbed.encoder.conv_in.bias.add_(0.5)
+    other = build(dataset, SimpleNamespace(**{**vars(models), "vae": perturbed}), cache_root)
+    assert other.folder != cache.folder and len(other) == len(cache)
+    assert not torch.allclose(other.item(0)["latent_mean"], cache.item(0)["latent_mean"])
+
+
+def test_interrupted_build_resumes_after_the_last_complete_shard(dataset, models, tmp_path):
+    first = build(dataset, models, tmp_path, shard_size=2)
+    shards = sorted(first.folder.glob(SHARD_GLOB))
+    assert len(shards) == 3  # rows [0, 2), [2, 5) incl. the broken file, [5, 8) incl. 2 captions
+    expected = [first.item(i, 1) for i in range(len(first))]
+    # Simulate a crash before the last shard and meta.json were written.
+    (first.folder / META_FILE).unlink()
+    shards[-1].unlink()
+    with pytest.raises(UserInputError, match="no complete latent cache"):
+        LatentCache(first.folder)
+    with count_encoded(models) as counts:
+        resumed = build(dataset, models, tmp_path, shard_size=2)
+    assert counts["images"] == 2  # only e.png, both flips
+    assert resumed.skipped == SKIPPED and len(resumed) == USABLE
+    for index, item in enumerate(expected):
+        torch.testing.assert_close(resumed.item(index, 1), item)
+
+
+def test_only_the_main_process_encodes(dataset, models, tmp_path):
+    @contextmanager
+    def main_process_first():
+        yield
+
+    # The two members of accelerate's Accelerator that the builder uses.
+    worker = SimpleNamespace(is_main_process=False, main_process_first=main_process_first)
+    with pytest.raises(UserInputError, match="no complete latent cache"):
+        build(dataset, models, tmp_path, accelerator=worker)  # nothing built: it must not encode
+    main = SimpleNamespace(is_main_process=True, main_process_first=main_process_first)
+    built = build(dataset, models, tmp_path, accelerator=main)
+    with count_encoded(models) as counts:
+        assert build(dataset, models, tmp_path, accelerator=worker).folder == built.folder
+    assert counts["images"] == 0
+
+
+def test_lazy_and_preloaded_reads_agree_and_batch(cache):
+    lazy = LatentCache(cache.folder, preload=False)
+    for index in range(len(cache)):
+        torch.testing.assert_close(lazy.item(index, 1), cache.item(index, 1))
+    pickle.loads(pickle.dumps(lazy))  # open shard handles must not stop DataLoader workers
+    batch = next(iter(torch.utils.data.DataLoader(lazy, batch_size=4)))
+    assert batch["latent_mean"].shape == (4, 4, 8, 8)
+    assert batch["text_embedding"].shape == (4, 77, 32)
+
+
+def test_flip_choice_is_a_fair_pure_function_of_seed_epoch_index(cache):
+    flips = [flip_choice(0, 0, i) for i in range(4000)]
+    assert flips == [flip_choice(0, 0, i) for i in range(4000)]
+    assert 1800 < sum(flips) < 2200
+    assert flips[:64] != [flip_choice(0, 1, i) for i in range(64)]
+    assert flips[:64] != [flip_choice(1, 0, i) for i in range(64)]
+    cache.set_epoch(3)
+    for index in range(len(cache)):
+        item = cache[index]
+        assert bool(item["flipped"]) == flip_choice(cache.seed, 3, index)
+        torch.testing.assert_close(item, cache.item(index, int(item["flipped"])))
+    cache.set_epoch(0)
+
+
+def test_sample_latents_equals_diffusers_posterior_sample():
+    torch.manual_seed(0)
+    mean, logvar = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+    expected = posterior.sample(generator=torch.Generator().manual_seed(7)) * 0.18215
+    ours = sample_latents(mean, posterior.std, 0.18215, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(ours, expected)
+    shifted = sample_latents(
+        mean, posterior.std, 0.5, torch.Generator().manual_seed(7), shift_factor=0.1
+    )
+    torch.testing.assert_close(shifted, (expected / 0.18215 - 0.1) * 0.5)
+
+
+def test_dtype_mismatch_raises_instead_of_casting(dataset, models, tmp_path):
+    with pytest.raises(ValueError, match="vae weights are torch.float32 but dtype=torch.float16"):
+        build(dataset, models, tmp_path, dtype=torch.float16)
+
+
+# ----------------------------------------------------------------------------- webdataset
+
+
+def write_shard(path: Path, samples: list[tuple[str, bytes, str]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, image_bytes, caption in samples:
+            for name, data in ((f"{key}.jpg", image_bytes), (f"{key}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def jpeg_bytes(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_webdataset_shards_stream_into_the_cache(models, tmp_path, hf_cache):
+    write_shard(
+        tmp_path / "shard-000.tar", [("000", jpeg_bytes(0), "one"), ("001", jpeg_bytes(1), "two")]
+    )
+    write_shard(
+        tmp_path / "shard-001.tar",
+        [("002", jpeg_bytes(2), "three"), ("003", b"\xff\xd8 cut", "four")],
+    )
+    source = str(tmp_path / "shard-{000..001}.tar")
+    rows = load_image_text_dataset(source, cache_dir=hf_cache)
+    assert isinstance(rows, datasets.IterableDataset)
+    first = next(iter(rows))
+    assert set(first) == {"image", "text"} and isinstance(first["image"], Image.Image)
+
+    with pytest.raises(ValueError, match="streamed dataset has no fingerprint"):
+        build(rows, models, tmp_path / "cache")
+    cache = build(
+        rows, models, tmp_path / "cache", dataset_fingerprint=streaming_fingerprint(source)
+    )
+    assert len(cache) == 3 and cache.skipped == {"unreadable_image": 1, "bad_caption": 0}
+    assert [int(cache.item(i)["source_index"]) for i in range(3)] == [0, 1, 2]
