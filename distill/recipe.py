@@ -1,0 +1,208 @@
+"""Recipes: YAML files that name the teachers, the student, the data and an ordered list of stages.
+
+Validation is strict (pydantic, `extra="forbid"`): an unknown key, a wrong type or a missing path is
+one line naming the key, raised as UserInputError before anything is written. Components never see
+the recipe object; the trainer reads plain values out of it (torchtune's "intrusive configs" rule).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.errors import UserInputError
+from distill.losses import LOSSES, needs_teacher
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudentSpec(_Strict):
+    variant: Literal["base", "small", "tiny"] = "base"
+    # Which teacher's weights initialize the student; its VAE, text encoder, tokenizer and
+    # scheduler are the student pipeline's components.
+    init_from: str
+
+
+class DataSpec(_Strict):
+    source: str  # imagefolder, saved dataset, hub name, webdataset shards, or "fashion-mnist"
+    split: str = "train"
+    image_column: str = "image"
+    text_column: str = "text"
+    max_samples: Annotated[int, Field(gt=0)] | None = None
+    streaming: bool = False
+    resolution: Annotated[int, Field(gt=0)]
+    center_crop: bool = True
+    random_flip: bool = False
+    cache_dir: str | None = None  # default: $SD_DISTILL_CACHE or ~/.cache/sd-distill
+    encode_batch_size: Annotated[int, Field(gt=0)] = 32
+
+
+class EMASpec(_Strict):
+    enabled: bool = True
+    decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.999
+
+
+class TrainingSpec(_Strict):
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    ema: EMASpec = EMASpec()
+    uncond_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # classifier-free dropout
+    checkpoint_every: Annotated[int, Field(gt=0)] = 500
+    keep_last: Annotated[int, Field(gt=0)] = 2
+    log_every: Annotated[int, Field(gt=0)] = 10
+    validate_every: Annotated[int, Field(ge=0)] = 0  # 0: only at each stage's end
+    validation_prompts: list[str] = []
+    validation_steps: Annotated[int, Field(gt=0)] = 25
+    validation_guidance: Annotated[float, Field(ge=1.0)] = 5.0
+    max_consecutive_nonfinite: Annotated[int, Field(gt=0)] = 5
+
+
+class StageSpec(_Strict):
+    name: str
+    teacher: str | None = None  # a key of `teachers`; needed by every loss term but "task"
+    steps: Annotated[int, Field(gt=0)]
+    batch_size: Annotated[int, Field(gt=0)]  # per process and per micro-step
+    gradient_accumulation: Annotated[int, Field(gt=0)] = 1
+    lr: Annotated[float, Field(gt=0.0)]
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    loss_weights: dict[str, Annotated[float, Field(ge=0.0)]] = {"task": 1.0}
+    # (student module path, teacher module path); default: the builder's stage-output pairs
+    layer_pairs: list[tuple[str, str]] | None = None
+    similarity_max_positions: Annotated[int, Field(gt=0)] = 256
+
+    @model_validator(mode="after")
+    def _known_losses(self) -> StageSpec:
+        unknown = sorted(set(self.loss_weights) - set(LOSSES))
+        if unknown:
+            raise ValueError(f"unknown loss {unknown[0]!r}; valid: {', '.join(LOSSES)}")
+        if not any(self.loss_weights.values()):
+            raise ValueError("every loss weight is zero")
+        return self
+
+
+class Recipe(_Strict):
+    name: str
+    output_dir: str
+    seed: int = 0
+    teachers: dict[str, str]  # key -> local diffusers pipeline folder or hub id
+    student: StudentSpec
+    data: DataSpec
+    training: TrainingSpec = TrainingSpec()
+    stages: Annotated[list[StageSpec], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _teachers_exist(self) -> Recipe:
+        if self.student.init_from not in self.teachers:
+            raise ValueError(f"student.init_from {self.student.init_from!r} is not in teachers")
+        for i, stage in enumerate(self.stages):
+            if stage.teacher is not None and stage.teacher not in self.teachers:
+                raise ValueError(f"stages.{i}.teacher {stage.teacher!r} is not in teachers")
+            if stage.teacher is None and needs_teacher(stage.loss_weights):
+                raise ValueError(f"stages.{i} ({stage.name}) has KD loss weights but no teacher")
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError("stage names must be unique")
+        return self
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override (`key.sub=value`, YAML-typed) and validate a recipe file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise UserInputError(f"cannot read recipe {str(path)!r}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise UserInputError(f"recipe {str(path)!r} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise UserInputError(f"recipe {str(path)!r} must be a mapping of keys to values")
+    for override in overrides or []:
+        apply_override(raw, override)
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        location = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        message = first["msg"].removeprefix("Value error, ")
+        raise UserInputError(f"{source}: {location}: {message}") from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.0.c=value` in the raw recipe; the value is parsed as YAML (`1e-4`, `true`)."""
+    if "=" not in override:
+        raise UserInputError(f"override {override!r} must look like key.sub=value")
+    dotted, value = override.split("=", 1)
+    keys = dotted.split(".")
+    node: Any = raw
+    for depth, key in enumerate(keys[:-1]):
+        node = _child(node, key, ".".join(keys[: depth + 1]))
+    last = keys[-1]
+    parsed = yaml.safe_load(value) if value else None
+    if isinstance(node, list):
+        node[_index(node, last, dotted)] = parsed
+    elif isinstance(node, dict):
+        node[last] = parsed
+    else:
+        raise UserInputError(f"override {dotted!r}: {'.'.join(keys[:-1])} is not a mapping")
+
+
+def _child(node: Any, key: str, where: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, where)]
+    if isinstance(node, dict):
+        if node.get(key) is None:
+            node[key] = {}
+        return node[key]
+    raise UserInputError(f"override: {where} is not a mapping or list")
+
+
+def _index(node: list, key: str, where: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise UserInputError(f"override {where!r}: index {key} out of range (0..{len(node) - 1})")
+    return int(key)
+
+
+def resolve_paths(recipe: Recipe, recipe_dir: Path) -> Recipe:
+    """Make local teacher and data paths absolute; a path that does not exist is an error.
+
+    A value is tried relative to the current directory (how a user types it), then to the
+    recipe's folder. One that exists nowhere may still be a hub id (`owner/name`) or, for data, a
+    hub dataset name, a webdataset shard pattern or a builtin source; anything else is a missing
+    path, reported by its key.
+    """
+
+    def resolve(key: str, value: str, allow_name: bool) -> str:
+        for candidate in (Path(value), recipe_dir / value):
+            if candidate.exists():
+                return str(candidate.resolve())
+        if _HUB_ID.match(value) or (allow_name and _NAME_OR_PATTERN.search(value)):
+            return value
+        raise UserInputError(f"{key}: {value!r} does not exist (and is not a hub id owner/name)")
+
+    teachers = {
+        key: resolve(f"teachers.{key}", value, False) for key, value in recipe.teachers.items()
+    }
+    data = recipe.data.model_copy(
+        update={"source": resolve("data.source", recipe.data.source, True)}
+    )
+    return recipe.model_copy(update={"teachers": teachers, "data": data})
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Builtin source names have no slash ("fashion-mnist"); shard patterns have glob or brace syntax.
+_NAME_OR_PATTERN = re.compile(r"^[\w.-]+$|[*?{]")

@@ -1,0 +1,115 @@
+"""Teachers: Stable Diffusion pipelines loaded once, and a frozen UNet wrapper that stays frozen.
+
+A stage teacher is used only for its UNet's predictions and features. The wrapper keeps three
+invariants in code rather than in the trainer's discipline: it is always in eval mode (an
+overridden `train()` ignores the request), its parameters never require grad, and its forward runs
+under `torch.no_grad()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from distill.errors import UserInputError
+
+
+@dataclass
+class PipelineComponents:
+    """The parts of an SD pipeline the engine uses, loaded from one folder or hub id."""
+
+    source: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: SchedulerMixin  # the pipeline's sampling scheduler, as shipped
+
+    def training_scheduler(self) -> DDPMScheduler:
+        """The forward-noising process the teacher was trained with (betas, prediction type)."""
+        return DDPMScheduler.from_config(self.scheduler.config)
+
+
+def load_pipeline_components(
+    source: str, *, torch_dtype: torch.dtype | None = None
+) -> PipelineComponents:
+    """Load a StableDiffusionPipeline folder or hub id (safetensors only)."""
+    if not Path(source).exists() and source.count("/") != 1:
+        raise UserInputError(f"teacher {source!r} is neither an existing folder nor a hub id")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            use_safetensors=True,
+            torch_dtype=torch_dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserInputError(f"could not load teacher pipeline {source!r}: {first_line}") from None
+    return PipelineComponents(
+        source=source,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+    )
+
+
+class FrozenTeacher(nn.Module):
+    """A teacher UNet that cannot be trained: eval mode, no grad, fixed dtype."""
+
+    def __init__(self, unet: UNet2DConditionModel, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.unet = (unet if unet.dtype == dtype else unet.to(dtype=dtype)).eval()
+        self.unet.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        # `model.train()` on a parent (or accelerate's prepare) must not switch dropout/norm
+        # statistics back on: the teacher is always evaluated exactly as at inference.
+        return super().train(False)
+
+    @property
+    def config(self) -> Any:
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @torch.no_grad()
+    def forward(
+        self,
+        sample: torch.Tensor,  # (B, 4, h, w) noisy latents
+        timestep: torch.Tensor,  # (B,)
+        encoder_hidden_states: torch.Tensor,  # (B, 77, D)
+    ) -> torch.Tensor:
+        return self.unet(
+            sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype)
+        ).sample  # (B, 4, h, w)
+
+
+def check_compatible(
+    student: UNet2DConditionModel, teacher: UNet2DConditionModel, name: str
+) -> None:
+    """A teacher must read the student's inputs and predict the same target space."""
+    for key in ("in_channels", "out_channels", "cross_attention_dim", "sample_size"):
+        student_value, teacher_value = student.config.get(key), teacher.config.get(key)
+        if student_value != teacher_value:
+            raise UserInputError(
+                f"teacher {name!r} does not match the student: {key} is {teacher_value} "
+                f"in the teacher and {student_value} in the student"
+            )

@@ -1,0 +1,77 @@
+"""Validation grids during training: one row per model, one column per prompt, same seeds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image, ImageDraw
+
+LABEL_WIDTH = 120
+
+
+@torch.no_grad()
+def generate_row(
+    pipeline: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    *,
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    device: torch.device | str,
+) -> list[Image.Image]:
+    """One image per prompt; prompt i always uses seed + i, whatever the model."""
+    pipeline = pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipeline(
+        list(prompts),
+        generator=generators,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+    ).images
+
+
+def grid_image(rows: Mapping[str, Sequence[Image.Image]], scale: int = 1) -> Image.Image:
+    """Rows of equal-size images, each row labelled on its left."""
+    first = next(iter(rows.values()))[0]
+    width, height = first.width * scale, first.height * scale
+    columns = max(len(images) for images in rows.values())
+    grid = Image.new("RGB", (LABEL_WIDTH + columns * width, len(rows) * height), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, (label, images) in enumerate(rows.items()):
+        draw.text((4, row * height + height // 2 - 6), label, fill="black")
+        for column, image in enumerate(images):
+            resized = image.convert("RGB").resize((width, height), Image.NEAREST)
+            grid.paste(resized, (LABEL_WIDTH + column * width, row * height))
+    return grid
+
+
+def save_validation_grid(
+    pipelines: Mapping[str, StableDiffusionPipeline],
+    prompts: Sequence[str],
+    path: Path,
+    *,
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    device: torch.device | str,
+) -> Path:
+    rows = {
+        label: generate_row(
+            pipeline,
+            prompts,
+            seed=seed,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            device=device,
+        )
+        for label, pipeline in pipelines.items()
+    }
+    # Small images (the offline world's 32 px) are upscaled so a person can see them.
+    scale = max(1, 96 // next(iter(rows.values()))[0].width)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(rows, scale).save(path)
+    return path

@@ -1,0 +1,127 @@
+"""Recipe validation: strict keys and types, one line naming the key, overrides, shipped recipes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.cli import main
+from distill.errors import UserInputError
+from distill.recipe import apply_override, load_recipe, resolve_paths, validate_recipe
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+VALID = {
+    "name": "t",
+    "output_dir": "runs/t",
+    "teachers": {"a": "owner/model-a", "b": "owner/model-b"},
+    "student": {"variant": "base", "init_from": "a"},
+    "data": {"source": "fashion-mnist", "resolution": 32},
+    "stages": [
+        {"name": "denoise", "steps": 10, "batch_size": 4, "lr": 1e-3},
+        {
+            "name": "kd",
+            "teacher": "b",
+            "steps": 10,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "loss_weights": {"task": 1.0, "output_kd": 1.0, "similarity": 0.5},
+        },
+    ],
+}
+
+
+def _invalid(mutate) -> str:
+    raw = copy.deepcopy(VALID)
+    mutate(raw)
+    with pytest.raises(UserInputError) as error:
+        validate_recipe(raw, source="r.yaml")
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_valid_recipe_has_defaults_filled_in() -> None:
+    recipe = validate_recipe(copy.deepcopy(VALID))
+    assert recipe.training.ema.enabled and recipe.stages[0].loss_weights == {"task": 1.0}
+    assert recipe.stages[1].gradient_accumulation == 1
+
+
+def test_unknown_key_is_named_with_its_path() -> None:
+    message = _invalid(lambda r: r.update(training={"lrr": 1}))
+    assert message.startswith("r.yaml: training.lrr:")
+
+
+def test_wrong_type_is_named_with_its_path() -> None:
+    message = _invalid(lambda r: r["stages"][1].update(steps="many"))
+    assert "stages.1.steps" in message and "integer" in message
+
+
+def test_kd_weights_without_a_teacher_are_refused() -> None:
+    message = _invalid(lambda r: r["stages"][0].update(loss_weights={"output_kd": 1.0}))
+    assert "KD loss weights but no teacher" in message
+
+
+def test_unknown_loss_and_unknown_teacher_are_refused() -> None:
+    assert "unknown loss 'magic'" in _invalid(
+        lambda r: r["stages"][1]["loss_weights"].update(magic=1.0)
+    )
+    assert "'c' is not in teachers" in _invalid(lambda r: r["stages"][1].update(teacher="c"))
+
+
+def test_missing_teacher_path_is_named() -> None:
+    raw = copy.deepcopy(VALID)
+    raw["teachers"]["a"] = "runs/nowhere/teacher_a"
+    with pytest.raises(UserInputError, match=r"teachers.a: 'runs/nowhere/teacher_a' does not"):
+        resolve_paths(validate_recipe(raw), Path("."))
+
+
+def test_overrides_are_typed_and_reach_list_items() -> None:
+    raw = copy.deepcopy(VALID)
+    apply_override(raw, "stages.1.lr=1e-4")
+    apply_override(raw, "training.ema.enabled=false")
+    recipe = validate_recipe(raw)
+    assert recipe.stages[1].lr == 1e-4 and recipe.training.ema.enabled is False
+    with pytest.raises(UserInputError, match="index 5 out of range"):
+        apply_override(raw, "stages.5.lr=1")
+    with pytest.raises(UserInputError, match="key.sub=value"):
+        apply_override(raw, "stages")
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path: Path) -> None:
+    raw = yaml.safe_load(path.read_text())
+    assert path.read_text().startswith("#"), "each recipe starts with the command that runs it"
+    if raw.get("kind", "distill") == "distill":
+        load_recipe(path)
+
+
+def test_small_sd_v0_recipe_follows_the_model_card() -> None:
+    recipe = load_recipe(RECIPES / "small_sd_v0.yaml")
+    assert [s.steps for s in recipe.stages] == [500_000, 400_000, 200_000]
+    assert [s.teacher for s in recipe.stages] == [None, "sd-v1-4", "sd-v1-5"]
+    assert all(s.batch_size * s.gradient_accumulation == 128 for s in recipe.stages)
+    assert all(s.lr == 1e-5 and s.warmup_steps == 10_000 for s in recipe.stages)
+    assert recipe.stages[2].loss_weights == {"task": 1.0, "output_kd": 1.0, "similarity": 1.0}
+
+
+def test_cli_bad_recipe_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    raw = copy.deepcopy(VALID)
+    raw["output_dir"] = str(tmp_path / "run")
+    raw["stages"][0]["steps"] = -1
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "stages.0.steps" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_unreadable_recipe_is_refused(tmp_path: Path, capsys) -> None:
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read recipe" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("stages: [unclosed")
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2

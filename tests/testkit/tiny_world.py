@@ -1,0 +1,91 @@
+"""A tiny Stable Diffusion world for engine tests: two teacher pipelines and a caption dataset.
+
+The teachers are real `StableDiffusionPipeline` folders (random weights, seeded) with SD v1's
+layout in miniature, so the engine consumes them exactly as it would SD v1.4 and v1.5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+from distill.offline.tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
+from distill.offline.tokenizer import build_clip_tokenizer
+
+
+def make_tiny_pipeline(folder: Path, seed: int, text_encoder_seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    pipeline = StableDiffusionPipeline(
+        vae=tiny_vae(block_out_channels=(8, 16, 16), norm_num_groups=8),
+        text_encoder=tiny_text_encoder(seed=text_encoder_seed, hidden_size=16, num_hidden_layers=1),
+        tokenizer=build_clip_tokenizer(),
+        unet=tiny_unet(cross_attention_dim=16, block_out_channels=(8, 16, 16), norm_num_groups=8),
+        scheduler=PNDMScheduler(  # SD v1.4's scheduler_config.json
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    # Teachers a and b share the VAE and text encoder (as SD v1.4 and v1.5 do): same seed for
+    # those, different UNets.
+    if seed != 0:
+        torch.manual_seed(0)
+        pipeline.vae.load_state_dict(tiny_vae(block_out_channels=(8, 16, 16)).state_dict())
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tiny_recipe(tmp_path: Path, teachers: dict[str, Path], **training) -> dict:
+    """Three short stages in the small-stable-diffusion-v0 pattern."""
+    return {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "run"),
+        "seed": 7,
+        "teachers": {key: str(path) for key, path in teachers.items()},
+        "student": {"variant": "base", "init_from": "a"},
+        "data": {
+            "source": "fashion-mnist",
+            "max_samples": 12,
+            "resolution": 32,
+            "random_flip": True,
+            "cache_dir": str(tmp_path / "cache"),
+            "encode_batch_size": 12,
+        },
+        "training": {
+            "checkpoint_every": 2,
+            "keep_last": 2,
+            "log_every": 1,
+            "ema": {"enabled": True, "decay": 0.9},
+            **training,
+        },
+        "stages": [
+            {"name": "denoise", "steps": 3, "batch_size": 4, "lr": 1e-3},
+            {
+                "name": "soft_labels",
+                "teacher": "a",
+                "steps": 3,
+                "batch_size": 4,
+                "gradient_accumulation": 2,
+                "lr": 1e-3,
+                "loss_weights": {"task": 1.0, "output_kd": 1.0},
+            },
+            {
+                "name": "layer_matching",
+                "teacher": "b",
+                "steps": 3,
+                "batch_size": 4,
+                "lr": 1e-3,
+                "lr_schedule": "cosine",
+                "warmup_steps": 1,
+                "loss_weights": {"task": 1.0, "output_kd": 1.0, "similarity": 1.0},
+            },
+        ],
+    }
