@@ -1,0 +1,33 @@
+"""`distill export RUN_DIR OUT`: a finished run as a standard diffusers pipeline folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distill.export import EXPORT_DTYPES, export_pipeline
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a finished run as a StableDiffusionPipeline folder with a model card",
+        description="Write the student UNet with the teacher's VAE, text encoder, tokenizer and "
+        "scheduler as a standard diffusers pipeline folder (safetensors only).",
+    )
+    parser.add_argument("run_dir", type=Path, help="the run folder (output_dir of the recipe)")
+    parser.add_argument("out", type=Path, help="where to write the pipeline folder")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(EXPORT_DTYPES))
+    parser.add_argument(
+        "--metrics", type=Path, help="eval metrics.json for the model card (default: RUN/eval)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export_pipeline(
+        args.run_dir, args.out, dtype=args.dtype, metrics=args.metrics, overwrite=args.overwrite
+    )
+    print(f"exported to {out} (load with StableDiffusionPipeline.from_pretrained)")
+    return 0

@@ -1,0 +1,207 @@
+"""Export a finished run as a standard diffusers StableDiffusionPipeline folder with a model card.
+
+The folder holds the student UNet plus the teacher's VAE, text encoder, tokenizer and scheduler,
+as safetensors only, and loads with `StableDiffusionPipeline.from_pretrained(folder)` with no
+toolkit code installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+
+from distill.errors import UserInputError
+from distill.recipe import Recipe, validate_recipe
+from students import count_params
+from students.teachers import unet_folder, unet_from_config
+
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_pipeline(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "fp32",
+    metrics: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `out` from the finished run in `run_dir`; returns `out`.
+
+    `metrics` is an eval `metrics.json` for the model card (default: `run_dir/eval/metrics.json`
+    when present).
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    if dtype not in EXPORT_DTYPES:
+        raise UserInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
+    recipe = load_run_recipe(run_dir)
+    pipeline_dir = run_dir / "student_pipeline"
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise UserInputError(
+            f"run {str(run_dir)!r} has not finished (no student_pipeline/); finish it with "
+            "`distill run` first"
+        )
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserInputError(f"{str(out)!r} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    metrics_data = _read_metrics(metrics, run_dir)
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        pipeline_dir,
+        dtype=EXPORT_DTYPES[dtype],
+        safety_checker=None,
+        requires_safety_checker=False,
+        use_safetensors=True,
+    )
+    pipeline.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").write_text(
+        model_card(recipe, pipeline, dtype=dtype, metrics=metrics_data, run_dir=run_dir)
+    )
+    return out
+
+
+def load_run_recipe(run_dir: Path) -> Recipe:
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise UserInputError(f"{str(run_dir)!r} is not a run folder (no recipe.yaml)")
+    return validate_recipe(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def model_card(
+    recipe: Recipe,
+    pipeline: StableDiffusionPipeline,
+    *,
+    dtype: str,
+    metrics: dict[str, Any] | None,
+    run_dir: Path,
+) -> str:
+    """The exported folder's README.md: what the model is, how it was made, what it scores."""
+    init = recipe.teachers[recipe.student.init_from]
+    student_params = count_params(pipeline.unet)
+    teacher_params = _teacher_params(init)
+    hub_teachers = [v for v in recipe.teachers.values() if not Path(v).exists()]
+    front = {
+        "library_name": "diffusers",
+        "pipeline_tag": "text-to-image",
+        "tags": ["stable-diffusion", "text-to-image", "knowledge-distillation", "sd-distill"],
+    }
+    if hub_teachers:
+        front["base_model"] = hub_teachers
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {recipe.name}: a distilled Stable Diffusion student",
+        "",
+        f"A compact UNet (`{recipe.student.variant}` variant, layers_per_block=1) distilled with "
+        "sd-distill from the teacher(s) below, initialized from the "
+        f"layers of `{recipe.student.init_from}`. VAE, text encoder, tokenizer and scheduler are "
+        f"the teacher's. Weights: safetensors, {dtype}.",
+        "",
+        "| | params |",
+        "|---|---|",
+        f"| teacher UNet (`{recipe.student.init_from}`) | {teacher_params:,} |"
+        if teacher_params
+        else "| teacher UNet | unknown |",
+        f"| student UNet | {student_params:,} |",
+        "",
+        "## Teachers",
+        "",
+        *[f"- `{key}`: {_display(value)}" for key, value in recipe.teachers.items()],
+        "",
+        "## Training",
+        "",
+        f"Data: `{_display(recipe.data.source)}` at {recipe.data.resolution} px"
+        + (f", first {recipe.data.max_samples} samples" if recipe.data.max_samples else "")
+        + (", random flips" if recipe.data.random_flip else "")
+        + f". Mixed precision: {recipe.training.mixed_precision}; EMA: "
+        + (f"{recipe.training.ema.decay}" if recipe.training.ema.enabled else "off")
+        + ".",
+        "",
+        "| stage | teacher | steps | batch | lr (schedule, warmup) | loss weights |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {i + 1}. {s.name} | {s.teacher or '—'} | {s.steps:,} | "
+            f"{s.batch_size}×{s.gradient_accumulation} | {s.lr:g} ({s.lr_schedule}, "
+            f"{s.warmup_steps}) | "
+            + ", ".join(f"{k} {v:g}" for k, v in s.loss_weights.items() if v)
+            + " |"
+            for i, s in enumerate(recipe.stages)
+        ],
+        "",
+        "## Evaluation",
+        "",
+        *_metrics_lines(metrics),
+        "",
+        "## Use",
+        "",
+        "```python",
+        *_loading_lines(dtype),
+        'image = pipe("a photo of a bag").images[0]',
+        "```",
+        "",
+        f"Exported from run folder `{run_dir.name}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _loading_lines(dtype: str) -> list[str]:
+    # Half-precision folders must be loaded in that dtype: transformers keeps the text encoder's
+    # stored dtype while diffusers would upcast the UNet, and the two would not multiply.
+    if dtype == "fp32":
+        return [
+            "from diffusers import StableDiffusionPipeline",
+            "",
+            'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")',
+        ]
+    return [
+        "import torch",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        "pipe = StableDiffusionPipeline.from_pretrained(",
+        f'    "path/to/this/folder", torch_dtype={EXPORT_DTYPES[dtype]}',
+        ")",
+    ]
+
+
+def _teacher_params(source: str) -> int | None:
+    """Parameter count of a teacher UNet from its config alone (meta device, no weights read)."""
+    try:
+        config = json.loads((unet_folder(source) / "config.json").read_text())
+    except UserInputError:
+        return None
+    return count_params(unet_from_config(config, device="meta"))
+
+
+def _display(value: str) -> str:
+    return Path(value).name if Path(value).exists() else value
+
+
+def _read_metrics(metrics: str | Path | None, run_dir: Path) -> dict[str, Any] | None:
+    path = Path(metrics) if metrics else run_dir / "eval" / "metrics.json"
+    if not path.is_file():
+        if metrics:
+            raise UserInputError(f"metrics file {str(path)!r} does not exist")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"metrics file {str(path)!r} is not JSON: {error}") from None
+
+
+def _metrics_lines(metrics: dict[str, Any] | None) -> list[str]:
+    if not metrics:
+        return ["Not evaluated yet: run `distill eval --model THIS_FOLDER --teacher ...`."]
+    report = metrics.get("report_markdown_table")
+    if report:
+        return [report]
+    return ["```json", json.dumps(metrics, indent=2)[:4000], "```"]
