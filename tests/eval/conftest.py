@@ -1,0 +1,102 @@
+"""Tiny, seeded, real models for the eval tests: a StableDiffusionPipeline and a CLIP model.
+
+Everything is built in-process (no hub) from the offline world's components
+(`distill.offline.tiny_models`): (32, 64) UNets at 32 px, the real CLIP BPE tokenizer derived
+offline, random weights from fixed seeds. The cache (tokenizer files, converted FID
+Inception, reference statistics) lives in one temporary folder per test session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+from distill.offline.tiny_models import sampling_scheduler, tiny_text_encoder, tiny_unet, tiny_vae
+from distill.offline.tokenizer import build_clip_tokenizer
+from eval.clip_score import ClipBackend, transformers_backend
+
+TINY_SIZE = 32  # pixels; latents 8x8 with the 4x VAE below
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A session cache, also exported as $SD_DISTILL_CACHE so nothing writes to ~/.cache."""
+    folder = tmp_path_factory.mktemp("sd-distill-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SD_DISTILL_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture
+def empty_torch_hub(tmp_path: Path) -> Iterator[None]:
+    """An empty torch hub dir: torch-fidelity's weights are certainly not cached there."""
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "torch-hub"))
+    yield
+    torch.hub.set_dir(previous)
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer(cache_dir: Path):
+    return build_clip_tokenizer(cache_dir=str(cache_dir))
+
+
+def tiny_pipeline(tokenizer, seed: int = 0, layers_per_block: int = 1) -> StableDiffusionPipeline:
+    """SD v1's pipeline in miniature (offline-world components), random weights from `seed`."""
+    torch.manual_seed(seed)
+    return StableDiffusionPipeline(
+        vae=tiny_vae(block_out_channels=(16, 32, 32), image_size=TINY_SIZE),
+        text_encoder=tiny_text_encoder(seed=seed, hidden_size=32),
+        tokenizer=tokenizer,
+        unet=tiny_unet(block_out_channels=(32, 64), layers_per_block=layers_per_block),
+        scheduler=sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.fixture
+def teacher_pipeline(clip_tokenizer) -> StableDiffusionPipeline:
+    return tiny_pipeline(clip_tokenizer, seed=0, layers_per_block=2)
+
+
+@pytest.fixture
+def student_pipeline(clip_tokenizer) -> StableDiffusionPipeline:
+    return tiny_pipeline(clip_tokenizer, seed=1, layers_per_block=1)
+
+
+@pytest.fixture
+def tiny_clip(clip_tokenizer) -> ClipBackend:
+    """A random CLIPModel (seeded) with the real CLIP tokenizer and a 32 px image processor."""
+    torch.manual_seed(0)
+    tower = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": len(clip_tokenizer), "max_position_embeddings": 77},
+        vision_config={**tower, "image_size": TINY_SIZE, "patch_size": 8},
+        projection_dim=16,
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": TINY_SIZE}, crop_size={"height": TINY_SIZE, "width": TINY_SIZE}
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer)
+    return transformers_backend(CLIPModel(config).eval(), processor, "tiny-random-clip")
+
+
+@pytest.fixture
+def random_images():
+    """`random_images(count, size=48, seed=0)` -> seeded uniform-noise RGB PIL images."""
+
+    def make(count: int, size: int = 48, seed: int = 0) -> list[Image.Image]:
+        rng = np.random.default_rng(seed)
+        shape = (size, size, 3)
+        return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(count)]
+
+    return make

