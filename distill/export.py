@@ -201,7 +201,12 @@ def _read_metrics(metrics: str | Path | None, run_dir: Path) -> dict[str, Any] |
 def _metrics_lines(metrics: dict[str, Any] | None) -> list[str]:
     if not metrics:
         return ["Not evaluated yet: run `distill eval --model THIS_FOLDER --teacher ...`."]
-    report = metrics.get("report_markdown_table")
-    if report:
-        return [report]
-    return ["```json", json.dumps(metrics, indent=2)[:4000], "```"]
+    from eval.report import ReportRow, markdown_table
+
+    settings = metrics.get("settings", {})
+    described = ", ".join(f"{k} `{v}`" for k, v in settings.items() if v is not None)
+    return [
+        markdown_table([ReportRow.from_dict(row) for row in metrics["rows"]]),
+        "",
+        f"Settings: {described}." if described else "",
+    ]

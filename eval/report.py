@@ -55,6 +55,11 @@ class ReportRow:
             "metrics": {key: result.to_dict() for key, result in self.metrics.items()},
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReportRow:
+        metrics = {key: MetricResult.from_dict(value) for key, value in data["metrics"].items()}
+        return cls(name=data["name"], metrics=metrics, source=data.get("source", ""))
+
 
 @dataclass
 class GridInfo:

@@ -66,7 +66,9 @@ def test_model_card_names_teachers_variant_stages_data_and_steps(
     finished_run: Path, tmp_path: Path
 ) -> None:
     metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"rows": [{"model": "student", "fid": 12.5}]}))
+    fid = {"value": 12.5, "n": 500, "detail": "seeds 0..499", "unavailable": None}
+    row = {"name": "student", "source": "", "metrics": {"fid": fid}}
+    metrics.write_text(json.dumps({"settings": {"prompts": "fashion"}, "rows": [row]}))
     out = tmp_path / "exported"
     assert main(["export", str(finished_run), str(out), "--metrics", str(metrics)]) == 0
     card = (out / "README.md").read_text()

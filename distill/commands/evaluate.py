@@ -1,0 +1,139 @@
+"""`distill eval`: student vs teacher under one protocol -> metrics.json, report.md, a grid."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from distill.errors import UserInputError
+
+RESULT_FILES = ("metrics.json", "report.md")
+FASHION_TEST_REFERENCE = "fashion-mnist-test"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a student (and its teacher): FID, CLIP, IS, params, GFLOPs, latency",
+        description="Generate images for a prompt set with the student (and the teacher, same "
+        "prompts and seeds), score them, and write metrics.json, report.md and a grid.",
+    )
+    parser.add_argument("--model", required=True, help="student pipeline folder or hub id")
+    parser.add_argument("--teacher", help="teacher pipeline folder or hub id")
+    parser.add_argument(
+        "--protocol", help="named settings: bk-sdm-coco30k (BK-SDM's table) or fashion"
+    )
+    parser.add_argument("--prompts", help="a text file (one prompt per line), coco30k or fashion")
+    parser.add_argument(
+        "--reference",
+        help="FID reference: image folder, saved dataset, .npz with mu/sigma, or "
+        f"{FASHION_TEST_REFERENCE} (the offline world's real test set)",
+    )
+    parser.add_argument("--num-images", type=int, help="images per model")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--clip-model", help="transformers id/folder or open_clip:NAME[:TAG]")
+    parser.add_argument("--steps", type=int, help="inference steps")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, help="image i uses seed + i")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--reference-resize", type=int, help="resize reference images first")
+    parser.add_argument("--is-splits", type=int, help="Inception Score splits")
+    parser.add_argument("--speed-repeats", type=int, default=5, help="latency repeats (median)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace metrics.json/report.md in OUT (generated images are kept and reused)",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag, model in (("--model", args.model), ("--teacher", args.teacher)):
+        if model is not None and not Path(model).is_dir() and not _HUB_ID.match(model):
+            raise UserInputError(f"{flag} {model!r} is not a folder (or a hub id owner/name)")
+    existing = [name for name in RESULT_FILES if (args.out / name).exists()]
+    if existing and not args.overwrite:
+        raise UserInputError(
+            f"{str(args.out)!r} already holds results ({', '.join(existing)}); pass --overwrite"
+        )
+    settings = _settings(args)
+    reference, reference_resize = _reference(args, settings)
+
+    from eval.evaluate import evaluate
+
+    for name in existing:
+        (args.out / name).unlink()
+    evaluate(
+        args.model,
+        args.teacher,
+        settings.pop("prompts"),
+        settings.pop("num_images"),
+        reference,
+        args.out,
+        settings.pop("clip_model"),
+        settings.pop("seed"),
+        reference_resize=reference_resize,
+        batch_size=args.batch_size,
+        speed_repeats=args.speed_repeats,
+        progress=not args.no_progress,
+        **settings,
+    )
+    print(f"report: {args.out / 'report.md'}\nmetrics: {args.out / 'metrics.json'}")
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The protocol's settings (if any), overridden by explicit flags."""
+    settings: dict[str, Any] = {
+        "prompts": None,
+        "num_images": None,
+        "clip_model": None,
+        "seed": 0,
+        "num_inference_steps": 25,
+        "guidance_scale": 7.5,
+        "inception_score_splits": 10,
+    }
+    if args.protocol:
+        from eval.protocols import get_protocol
+
+        settings |= get_protocol(args.protocol).evaluate_kwargs()
+    explicit = {
+        "prompts": args.prompts,
+        "num_images": args.num_images,
+        "clip_model": args.clip_model,
+        "seed": args.seed,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "inception_score_splits": args.is_splits,
+        "reference_resize": args.reference_resize,
+    }
+    settings |= {key: value for key, value in explicit.items() if value is not None}
+    if settings["prompts"] is None:
+        raise UserInputError("give --prompts (a file, coco30k or fashion) or --protocol")
+    return settings
+
+
+def _reference(args: argparse.Namespace, settings: dict[str, Any]) -> tuple[Any, int | None]:
+    resize = settings.pop("reference_resize", None)
+    if args.reference != FASHION_TEST_REFERENCE:
+        return args.reference, resize
+    from distill.offline.fashion_mnist import load_fashion_mnist
+
+    # The real test set, brought to the generated images' size through the same resize path.
+    return load_fashion_mnist("test"), resize or _model_resolution(args.model)
+
+
+def _model_resolution(model: str) -> int | None:
+    import json
+
+    unet_config = Path(model) / "unet" / "config.json"
+    vae_config = Path(model) / "vae" / "config.json"
+    if not (unet_config.is_file() and vae_config.is_file()):
+        return None
+    sample_size = json.loads(unet_config.read_text())["sample_size"]
+    factor = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1)
+    return sample_size * factor
