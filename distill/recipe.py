@@ -136,10 +136,15 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as error:
-        first = error.errors()[0]
-        location = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        message = first["msg"].removeprefix("Value error, ")
-        raise UserInputError(f"{source}: {location}: {message}") from None
+        raise validation_error(error, source) from None
+
+
+def validation_error(error: ValidationError, source: str, prefix: str = "") -> UserInputError:
+    """pydantic's first complaint as one line: `source: key.sub: what is wrong`."""
+    first = error.errors()[0]
+    location = prefix + ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    return UserInputError(f"{source}: {location}: {message}")
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -58,6 +58,7 @@ def test_three_stages_hand_off_and_log_every_term(teachers, tmp_path: Path) -> N
     }
     for stage in ("01-denoise", "02-soft_labels", "03-layer_matching"):
         assert (run_dir / "stages" / stage / "unet" / "config.json").is_file()
+    assert any((run_dir / "logs").rglob("events.out.tfevents.*"))  # tensorboard
     assert (run_dir / "recipe.yaml").is_file() and (run_dir / "init_report.json").is_file()
     assert sorted(p.name for p in (run_dir / "samples").iterdir())[-1].startswith("03-layer")
     # keep_last=2 really deletes older checkpoints
