@@ -17,6 +17,7 @@ import yaml
 from diffusers import StableDiffusionPipeline
 
 from distill.errors import UserInputError
+from distill.pipelines import load_sd_pipeline
 from distill.recipe import Recipe, validate_recipe
 from students import count_params
 from students.teachers import unet_folder, unet_from_config
@@ -53,13 +54,7 @@ def export_pipeline(
         shutil.rmtree(out)
     metrics_data = _read_metrics(metrics, run_dir)
 
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        pipeline_dir,
-        dtype=EXPORT_DTYPES[dtype],
-        safety_checker=None,
-        requires_safety_checker=False,
-        use_safetensors=True,
-    )
+    pipeline = load_sd_pipeline(pipeline_dir, dtype=EXPORT_DTYPES[dtype])
     pipeline.save_pretrained(out, safe_serialization=True)
     (out / "README.md").write_text(
         model_card(recipe, pipeline, dtype=dtype, metrics=metrics_data, run_dir=run_dir)

@@ -9,21 +9,15 @@ under `torch.no_grad()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    SchedulerMixin,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from distill.errors import UserInputError
+from distill.pipelines import load_sd_pipeline, with_unet
 
 
 @dataclass
@@ -31,42 +25,35 @@ class PipelineComponents:
     """The parts of an SD pipeline the engine uses, loaded from one folder or hub id."""
 
     source: str
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler: SchedulerMixin  # the pipeline's sampling scheduler, as shipped
+    pipeline: StableDiffusionPipeline
+
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        return self.pipeline.unet
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.pipeline.vae
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return self.pipeline.text_encoder
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        return self.pipeline.tokenizer
 
     def training_scheduler(self) -> DDPMScheduler:
         """The forward-noising process the teacher was trained with (betas, prediction type)."""
-        return DDPMScheduler.from_config(self.scheduler.config)
+        return DDPMScheduler.from_config(self.pipeline.scheduler.config)
+
+    def with_unet(self, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+        """This pipeline around another UNet (the student, or the frozen teacher's)."""
+        return with_unet(self.pipeline, unet)
 
 
-def load_pipeline_components(
-    source: str, *, torch_dtype: torch.dtype | None = None
-) -> PipelineComponents:
-    """Load a StableDiffusionPipeline folder or hub id (safetensors only)."""
-    if not Path(source).exists() and source.count("/") != 1:
-        raise UserInputError(f"teacher {source!r} is neither an existing folder nor a hub id")
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source,
-            use_safetensors=True,
-            torch_dtype=torch_dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
-    except (OSError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserInputError(f"could not load teacher pipeline {source!r}: {first_line}") from None
-    return PipelineComponents(
-        source=source,
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
-    )
+def load_pipeline_components(source: str) -> PipelineComponents:
+    return PipelineComponents(source=source, pipeline=load_sd_pipeline(source))
 
 
 class FrozenTeacher(nn.Module):

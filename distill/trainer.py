@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
@@ -523,7 +523,7 @@ class DistillationTrainer:
             spec = self.recipe.stages[last]
             components = self._load_components(spec.teacher or self.recipe.student.init_from)
             unet = UNet2DConditionModel.from_pretrained(self.stage_dir(last) / "unet")
-            student_pipeline(components, unet).save_pretrained(out, safe_serialization=True)
+            components.with_unet(unet).save_pretrained(out, safe_serialization=True)
         self.accelerator.wait_for_everyone()
         return out
 
@@ -560,8 +560,8 @@ class DistillationTrainer:
             return
         rows = {}
         if ctx.teacher is not None:
-            rows[f"teacher {ctx.spec.teacher}"] = student_pipeline(ctx.components, ctx.teacher.unet)
-        rows["student"] = student_pipeline(ctx.components, self._final_student(ctx))
+            rows[f"teacher {ctx.spec.teacher}"] = ctx.components.with_unet(ctx.teacher.unet)
+        rows["student"] = ctx.components.with_unet(self._final_student(ctx))
         path = self.run_dir / "samples" / f"{ctx.index + 1:02d}-{ctx.spec.name}-step{step:07d}.png"
         with self.accelerator.autocast():  # a bf16 teacher beside fp32 VAE and text encoder
             save_validation_grid(
@@ -573,19 +573,3 @@ class DistillationTrainer:
                 guidance_scale=training.validation_guidance,
                 device=self.accelerator.device,
             )
-
-
-def student_pipeline(
-    components: PipelineComponents, unet: UNet2DConditionModel
-) -> StableDiffusionPipeline:
-    """A standard SD pipeline around `unet`, with the given pipeline's other components."""
-    return StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=unet,
-        scheduler=components.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )

@@ -24,6 +24,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from distill.errors import UserInputError
+from distill.pipelines import load_sd_pipeline
 from eval.clip_score import ClipBackend, clip_score, load_clip_backend
 from eval.fid import compute_fid
 from eval.generate import GeneratedImages, generate_images
@@ -40,23 +41,10 @@ GRID_COLUMNS = 8
 def load_pipeline(
     model: str | Path | StableDiffusionPipeline, device: torch.device, dtype: torch.dtype
 ) -> StableDiffusionPipeline:
-    """A diffusers pipeline folder (or hub id) loaded without the safety checker: the NSFW filter
-    blacks out images, which would bias FID (BK-SDM disables it for benchmarks too)."""
+    """A pipeline object as it is, or a folder / hub id loaded without the safety checker."""
     if isinstance(model, StableDiffusionPipeline):
         return model
-    try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            model,
-            torch_dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-            use_safetensors=True,
-        )
-    except (OSError, ValueError) as error:
-        raise UserInputError(
-            f"cannot load a StableDiffusionPipeline from {str(model)!r}"
-        ) from error
-    return pipeline.to(device)
+    return load_sd_pipeline(model, dtype=dtype).to(device)
 
 
 def evaluate(
