@@ -36,6 +36,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -m "not slow"
 
+bench: setup
+	$(PY) benchmarks/sd_step.py
+
 lint: setup
 	$(VENV)/bin/ruff check .
 

@@ -466,7 +466,9 @@ class DistillationTrainer:
                     "training.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes"
                 ) from None
             return bnb.optim.AdamW8bit(student.parameters(), **kwargs)
-        return torch.optim.AdamW(student.parameters(), **kwargs)
+        # fused: one kernel for all tensors; measured on this CPU at SD scale, the optimizer phase
+        # of a step went from 2.59 s to 0.70 s (benchmarks/sd_step.py --fused-adamw).
+        return torch.optim.AdamW(student.parameters(), fused=True, **kwargs)
 
     @staticmethod
     def _load_ema(ema: EMAModel, checkpoint: Checkpoint, state: dict) -> None:

@@ -1,0 +1,65 @@
+"""The SD-scale step benchmark, run at toy widths so the script cannot rot unnoticed.
+
+`benchmarks/` is a folder of scripts, not a package: the script is loaded from its file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sd_step.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("sd_step_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_step_prints_one_json_object_with_every_figure(capsys):
+    benchmark = load_benchmark()
+    returned = benchmark.main(["--tiny", "--threads", "1", "--steps", "2", "--json"])
+    printed = json.loads(capsys.readouterr().out)  # the whole of stdout is one JSON object
+
+    assert printed == json.loads(json.dumps(returned))
+    assert printed["resolution"] == 64 and printed["latent_size"] == 8
+    # SD v1.4's layout at toy widths: the base student drops one layer per block.
+    assert printed["params"] == {"teacher": 2_446_788, "student": 1_645_572}
+    # Stage-output pairs: 4 down blocks, the mid block, 4 up blocks.
+    assert len(printed["layer_pairs"]) == 9
+    assert len(printed["step_seconds"]["all"]) == 2
+    assert set(printed["phase_seconds"]) == {
+        "teacher_forward",
+        "student_forward",
+        "losses",
+        "backward",
+        "optimizer",
+    }
+    assert printed["gflop"]["student_forward"] < printed["gflop"]["teacher_forward"]
+    assert printed["memory_gib"]["peak_rss"] >= printed["memory_gib"]["peak_rss_after_setup"] > 0
+
+
+def test_tiny_step_runs_the_three_stage3_losses_with_unit_weights(capsys):
+    result = load_benchmark().main(["--tiny", "--threads", "1", "--steps", "1"])
+    report = capsys.readouterr().out
+
+    terms = result["loss_terms"]
+    assert set(terms) == {"task", "output_kd", "similarity", "total"}
+    assert all(math.isfinite(value) and value >= 0 for value in terms.values())
+    assert terms["total"] == pytest.approx(terms["task"] + terms["output_kd"] + terms["similarity"])
+    assert "seconds per step over 1: median" in report
+    assert "load average" in report
+
+
+def test_resolution_must_be_a_multiple_of_the_unet_downsampling():
+    benchmark = load_benchmark()
+    with pytest.raises(SystemExit) as raised:
+        benchmark.parse_args(["--tiny", "--resolution", "96"])
+    assert raised.value.code == 2
+    assert benchmark.parse_args(["--tiny", "--resolution", "128"]).resolution == 128
