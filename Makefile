@@ -30,8 +30,21 @@ $(FASHION_MNIST):
 	$(SUDO) apt-get update -q
 	$(SUDO) apt-get install -y -q dataset-fashion-mnist
 
+# The main job on the offline world: train the tiny Fashion-MNIST teachers (reused when they
+# exist), distill the student in three stages, evaluate teacher vs student, export the pipeline.
+DISTILL := HF_HUB_OFFLINE=1 $(VENV)/bin/distill  # offline: no hub retries
+RUNS := runs
 demo: setup
-	$(VENV)/bin/distill student --teacher sd-v1-4 --variant base
+	$(DISTILL) student --teacher sd-v1-4 --variant base
+	$(DISTILL) run recipes/fashion_teacher.yaml
+	$(DISTILL) run recipes/fashion_small_sd.yaml
+	$(DISTILL) eval --model $(RUNS)/fashion_small_sd/student_pipeline \
+		--teacher $(RUNS)/fashion_teacher/teacher_b --protocol fashion --num-images 500 \
+		--reference fashion-mnist-test --batch-size 50 --out $(RUNS)/fashion_small_sd/eval --overwrite
+	$(DISTILL) export $(RUNS)/fashion_small_sd $(RUNS)/fashion_small_sd/export --overwrite
+	@echo
+	@echo "report:   $(RUNS)/fashion_small_sd/eval/report.md"
+	@echo "pipeline: $(RUNS)/fashion_small_sd/export  (StableDiffusionPipeline.from_pretrained)"
 
 test: setup
 	$(PY) -m pytest -m "not slow"
