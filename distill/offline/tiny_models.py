@@ -115,6 +115,4 @@ def training_noise_scheduler() -> DDPMScheduler:
 
 def sampling_scheduler() -> PNDMScheduler:
     """SD v1.4's default sampler, as shipped in its pipeline folder."""
-    return PNDMScheduler(
-        **SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1
-    )
+    return PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)

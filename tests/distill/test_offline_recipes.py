@@ -33,3 +33,38 @@ def test_fashion_small_sd_recipe_runs_its_three_stages(tmp_path: Path) -> None:
     assert len(list((run / "samples").glob("*.png"))) == 3
     pipeline = StableDiffusionPipeline.from_pretrained(run / "student_pipeline")
     assert pipeline.unet.config.layers_per_block == 1
+
+
+TINY_TEACHER = [
+    "train.vae_steps=2",
+    "train.unet_steps=2",
+    "train.batch_size=4",
+    "train.vae_batch_size=4",
+    "train.vae_channels=[8, 16, 16]",
+    "train.unet_channels=[16, 32, 32]",
+    "train.max_train_samples=64",
+    "train.grid_seeds=[0]",
+    "train.grid_inference_steps=2",
+]
+
+
+def test_fashion_teacher_recipe_trains_then_reuses_its_teachers(tmp_path: Path, capsys) -> None:
+    recipe = str(RECIPES / "fashion_teacher.yaml")
+    overrides = [f"output_dir={tmp_path / 'teachers'}", *TINY_TEACHER]
+    assert main(["run", recipe, *overrides, "--no-progress"]) == 0
+    for name in ("a", "b"):
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            tmp_path / "teachers" / f"teacher_{name}"
+        )
+        assert pipeline.unet.config.layers_per_block == 2
+    capsys.readouterr()
+    assert main(["run", recipe, *overrides, "--no-progress"]) == 0
+    assert "reusing the teachers" in capsys.readouterr().out
+
+
+def test_fashion_teacher_recipe_names_a_bad_training_key(tmp_path: Path, capsys) -> None:
+    recipe = str(RECIPES / "fashion_teacher.yaml")
+    code = main(["run", recipe, f"output_dir={tmp_path / 't'}", "train.vae_stepz=3"])
+    assert code == 2
+    assert "train.vae_stepz: Unexpected keyword argument" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -1,0 +1,420 @@
+"""Train tiny Stable-Diffusion-format teachers on Fashion-MNIST, offline, on a CPU.
+
+`train_fashion_teachers` mirrors how SD v1.4 and v1.5 came to be, in miniature:
+
+    1. train an AutoencoderKL (f=4) on the images; measure the latent scaling factor;
+    2. cache every training image's latent distribution (mean, std) and every caption's
+       embedding from a frozen, randomly initialised CLIPTextModel (the real CLIP tokenizer);
+    3. train a UNet2DConditionModel on those latents (epsilon prediction, SD's noise schedule,
+       classifier-free dropout to the empty prompt, min-SNR-γ weighting, cosine LR decay, EMA);
+    4. export the EMA weights as StableDiffusionPipeline folders: teacher "a" halfway through
+       UNet training (the v1.4 stand-in) and teacher "b" at the end (the v1.5 stand-in), each with
+       a one-row-per-class sample grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+
+from distill.errors import UserInputError
+from distill.offline.fashion_mnist import (
+    CAPTION_TEMPLATES,
+    FASHION_CLASSES,
+    caption_for,
+    load_fashion_mnist_arrays,
+)
+from distill.offline.sample_grid import sample_class_grid
+from distill.offline.tiny_models import (
+    sampling_scheduler,
+    tiny_text_encoder,
+    tiny_unet,
+    tiny_vae,
+    training_noise_scheduler,
+)
+from distill.offline.tokenizer import build_clip_tokenizer
+
+IMAGE_SIZE = 32  # Fashion-MNIST's 28 px, resized to a multiple of the VAE's factor 4
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (math and data layout)
+# ---------------------------------------------------------------------------------------------
+
+
+def fashion_pixels(images: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """uint8 (B, 28, 28) grey images → float (B, 3, size, size) in [-1, 1].
+
+    Same as SD training scripts' `Resize(size, bilinear)` + `Normalize([0.5], [0.5])` on the RGB
+    images `load_fashion_mnist` yields (bilinear upsampling needs no antialiasing).
+    """
+    pixels = torch.tensor(images, dtype=torch.float32).div(127.5).sub(1.0)  # copies
+    pixels = F.interpolate(pixels[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    return pixels.expand(-1, 3, -1, -1).contiguous()
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights for epsilon prediction, min(SNR, γ) / SNR.
+
+    Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy" (eq. 9 with
+    the ε-loss's implicit SNR weight divided out): low-noise steps, which dominate the ε-loss
+    but teach little, are down-weighted; steps with SNR < γ keep weight 1.
+    """
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def caption_table() -> list[str]:
+    """Every training caption, indexed by `label * len(CAPTION_TEMPLATES) + template`, then the
+    empty prompt (classifier-free guidance's unconditional input) at the last index."""
+    captions = [
+        caption_for(label, template)
+        for label in range(len(FASHION_CLASSES))
+        for template in range(len(CAPTION_TEMPLATES))
+    ]
+    return captions + [""]
+
+
+@torch.no_grad()
+def embed_prompts(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(K, 77, D) last hidden states, exactly as StableDiffusionPipeline encodes prompts."""
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the autoencoder
+# ---------------------------------------------------------------------------------------------
+
+
+def train_vae(
+    vae: AutoencoderKL,
+    images: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    kl_weight: float,
+    generator: torch.Generator,
+    accelerator: Accelerator,
+    progress: bool,
+) -> list[float]:
+    """Train `vae` in place on uint8 images (N, 28, 28): L1 reconstruction + kl_weight·KL.
+
+    Both terms are means per element, so `kl_weight` is independent of image and latent size.
+    The KL term keeps the latent space smooth, which matters more for a diffusion model trained
+    for minutes than the last bit of reconstruction sharpness. Returns the loss per step.
+    """
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(100, steps // 10), steps)
+    vae, optimizer, schedule = accelerator.prepare(vae, optimizer, schedule)
+    vae.train()
+    losses = []
+    bar = tqdm(range(steps), desc="vae", disable=not progress)
+    for _ in bar:
+        index = torch.randint(len(images), (batch_size,), generator=generator).numpy()
+        pixels = fashion_pixels(images[index]).to(accelerator.device)  # (B, 3, 32, 32)
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        l1 = (reconstruction - pixels).abs().mean()
+        kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+        loss = l1 + kl_weight * kl
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(l1.item())
+        bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.3f}")
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def encode_latent_distribution(
+    vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior of every image: mean and std, each (N, 4, 8, 8), unscaled.
+
+    Caching the distribution, not one sample, keeps UNet training exact: every step draws a
+    fresh latent, as if the VAE encoder ran inside the loop.
+    """
+    means, stds = [], []
+    for start in range(0, len(images), batch_size):
+        pixels = fashion_pixels(images[start : start + batch_size]).to(vae.device)
+        posterior = vae.encode(pixels).latent_dist
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def latent_scaling_factor(
+    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
+) -> float:
+    """1 / std of sampled latents: the `scaling_factor` that gives the UNet unit-variance input
+    (Rombach et al. 2022, LDM appendix; SD v1's 0.18215 was measured the same way)."""
+    sample = mean + std * torch.randn(mean.shape, generator=generator)
+    return float(1.0 / sample.std())
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: the UNet
+# ---------------------------------------------------------------------------------------------
+
+
+def train_unet(
+    unet: UNet2DConditionModel,
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    labels: torch.Tensor,
+    prompt_embeddings: torch.Tensor,
+    *,
+    scaling_factor: float,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup_steps: int,
+    min_snr_gamma: float | None,
+    uncond_prob: float,
+    ema_max_decay: float,
+    generator: torch.Generator,
+    accelerator: Accelerator,
+    progress: bool,
+    on_checkpoint=None,
+    checkpoint_steps: tuple[int, ...] = (),
+) -> list[float]:
+    """Train `unet` on cached latents; returns the (unweighted) loss per step.
+
+    latent_mean/std: (N, 4, 8, 8) unscaled posteriors; labels: (N,) class ids;
+    prompt_embeddings: (K, 77, D) from `caption_table()` (last row = empty prompt).
+    `on_checkpoint(step, ema_unet)` is called after each step in `checkpoint_steps` with a copy of
+    the UNet holding the EMA weights.
+    """
+    noise_scheduler = training_noise_scheduler()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
+    # EMA warmup (decay = 1 - (1 + step)^-2/3, capped): for a short run the average must start
+    # following the weights at once, not after thousands of steps at a fixed 0.9999.
+    ema = EMAModel(unet.parameters(), decay=ema_max_decay, use_ema_warmup=True, power=2 / 3)
+    unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
+    unet.train()
+    device = accelerator.device
+    prompt_embeddings = prompt_embeddings.to(device)
+    templates = len(CAPTION_TEMPLATES)
+    empty_prompt = len(prompt_embeddings) - 1
+    losses = []
+    bar = tqdm(range(1, steps + 1), desc="unet", disable=not progress)
+    for step in bar:
+        index = torch.randint(len(labels), (batch_size,), generator=generator)
+        latents = latent_mean[index] + latent_std[index] * torch.randn(
+            latent_mean[index].shape, generator=generator
+        )
+        latents = (latents * scaling_factor).to(device)  # (B, 4, 8, 8)
+        # A random template per sample and step; uncond_prob of captions become the empty prompt.
+        prompt = labels[index] * templates + torch.randint(
+            templates, (batch_size,), generator=generator
+        )
+        dropped = torch.rand(batch_size, generator=generator) < uncond_prob
+        prompt = torch.where(dropped, empty_prompt, prompt)
+        context = prompt_embeddings[prompt.to(device)]  # (B, 77, D)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(
+            noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator
+        ).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, context).sample
+        per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        if min_snr_gamma is not None:
+            snr = compute_snr(noise_scheduler, timesteps)
+            loss = (per_sample * min_snr_weights(snr, min_snr_gamma)).mean()
+        else:
+            loss = per_sample.mean()
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        losses.append(per_sample.mean().item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
+        if on_checkpoint is not None and step in checkpoint_steps:
+            ema_unet = copy.deepcopy(accelerator.unwrap_model(unet))
+            ema.copy_to(ema_unet.parameters())
+            on_checkpoint(step, ema_unet.eval())
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Export and the whole recipe
+# ---------------------------------------------------------------------------------------------
+
+
+def export_teacher(folder: Path, *, vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    """Save a StableDiffusionPipeline folder (safetensors only, no safety checker)."""
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def train_fashion_teachers(
+    out_dir: str | Path,
+    *,
+    vae_steps: int = 1500,
+    unet_steps: int = 4000,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    vae_lr: float = 1e-3,
+    vae_batch_size: int = 32,
+    kl_weight: float = 1e-3,
+    vae_channels: tuple[int, ...] = (32, 64, 64),
+    unet_channels: tuple[int, ...] = (32, 64, 64),
+    text_hidden_size: int = 32,
+    text_layers: int = 2,
+    text_init_factor: float = 1.0,
+    max_train_samples: int | None = 20000,
+    min_snr_gamma: float | None = 5.0,
+    uncond_prob: float = 0.1,
+    ema_max_decay: float = 0.999,
+    warmup_steps: int = 100,
+    grid_seeds: tuple[int, ...] = tuple(range(8)),
+    guidance_scale: float = 4.0,
+    grid_inference_steps: int = 50,
+    export_halfway: bool = True,
+    progress: bool = True,
+    mixed_precision: str = "no",
+    vae_from: str | Path | None = None,
+) -> dict[str, Path]:
+    """Train the Fashion-MNIST teachers; return {"a": folder, "b": folder} (only "b" when
+    `export_halfway` is False).
+
+    Writes under `out_dir`: `teacher_a/`, `teacher_b/` (StableDiffusionPipeline folders, 32 px),
+    `teacher_a.png`, `teacher_b.png` (sample grids: one row per class, columns = `grid_seeds`)
+    and `training.json` (settings, measured scaling factor, losses, phase times).
+    `vae_from` (an AutoencoderKL folder) skips VAE training and reuses that VAE; its scaling
+    factor is measured again on this run's images.
+    """
+    if vae_steps < 1 or unet_steps < 2 or batch_size < 1:
+        raise UserInputError("vae_steps >= 1, unet_steps >= 2 and batch_size >= 1 are required")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in locals().items() if k != "out_dir"}
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    record: dict = {"settings": settings, "seconds": {}}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        record["seconds"][phase] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
+    images, labels = load_fashion_mnist_arrays("train")
+    images, labels = images[:max_train_samples], torch.from_numpy(labels[:max_train_samples])
+
+    if vae_from is not None:
+        vae, vae_losses = AutoencoderKL.from_pretrained(vae_from).eval(), [float("nan")]
+    else:
+        vae = tiny_vae(vae_channels)
+        vae_losses = train_vae(
+            vae,
+            images,
+            steps=vae_steps,
+            batch_size=vae_batch_size,
+            lr=vae_lr,
+            kl_weight=kl_weight,
+            generator=generator,
+            accelerator=accelerator,
+            progress=progress,
+        )
+        vae = accelerator.unwrap_model(vae)
+    lap("vae")
+
+    latent_mean, latent_std = encode_latent_distribution(vae, images)
+    scaling_factor = latent_scaling_factor(latent_mean, latent_std, generator)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    tokenizer = build_clip_tokenizer()
+    text_encoder = tiny_text_encoder(
+        seed,
+        hidden_size=text_hidden_size,
+        num_hidden_layers=text_layers,
+        initializer_factor=text_init_factor,
+    )
+    prompt_embeddings = embed_prompts(text_encoder, tokenizer, caption_table())
+    lap("cache")
+
+    folders: dict[str, Path] = {}
+
+    def export(step: int, ema_unet: UNet2DConditionModel) -> None:
+        name = "a" if step < unet_steps else "b"
+        folder = out_dir / f"teacher_{name}"
+        pipeline = export_teacher(
+            folder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=ema_unet
+        )
+        sample_class_grid(
+            pipeline,
+            out_dir / f"teacher_{name}.png",
+            seeds=grid_seeds,
+            guidance_scale=guidance_scale,
+            num_inference_steps=grid_inference_steps,
+        )
+        folders[name] = folder
+
+    unet = tiny_unet(cross_attention_dim=text_hidden_size, block_out_channels=unet_channels)
+    unet_losses = train_unet(
+        unet,
+        latent_mean,
+        latent_std,
+        labels,
+        prompt_embeddings,
+        scaling_factor=scaling_factor,
+        steps=unet_steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        min_snr_gamma=min_snr_gamma,
+        uncond_prob=uncond_prob,
+        ema_max_decay=ema_max_decay,
+        generator=generator,
+        accelerator=accelerator,
+        progress=progress,
+        on_checkpoint=export,
+        checkpoint_steps=((unet_steps // 2,) if export_halfway else ()) + (unet_steps,),
+    )
+    lap("unet_and_export")
+
+    record.update(
+        scaling_factor=scaling_factor,
+        vae_l1_last100=float(np.mean(vae_losses[-100:])),
+        unet_loss_last100=float(np.mean(unet_losses[-100:])),
+        vae_losses=vae_losses[:: max(1, len(vae_losses) // 200)],
+        unet_losses=unet_losses[:: max(1, len(unet_losses) // 200)],
+    )
+    (out_dir / "training.json").write_text(json.dumps(record, indent=1, default=str))
+    return folders
