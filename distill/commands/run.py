@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     kind = _recipe_kind(args.recipe)
     if kind == "teacher":
-        from distill.offline.recipe import run_teacher_recipe
+        from distill.offline.teacher_recipe import run_teacher_recipe
 
         return run_teacher_recipe(
             args.recipe, args.overrides, overwrite=args.overwrite, progress=not args.no_progress
