@@ -9,7 +9,7 @@ Prints figures; writes grids and teachers under --out. Subcommands:
     trial    the whole recipe (train_fashion_teachers) with the given settings, then `score`
     score    class accuracy of a teacher's samples, judged by a small Fashion-MNIST classifier
 
-The classifier (a 2-conv CNN, ~91% test accuracy) turns "are the rows class-consistent?" into a
+The classifier (a 2-conv CNN, 89% test accuracy) turns "are the rows class-consistent?" into a
 number: the fraction of samples for prompt "a photo of a <class>" that it labels <class>.
 
     .venv/bin/python benchmarks/teacher_trials.py trial --out /tmp/trial1 --unet-steps 4000
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from distill.data.encode import encode_captions
 from distill.offline.fashion_mnist import FASHION_CLASSES, load_fashion_mnist_arrays
 from distill.offline.sample_grid import class_prompts, tile
 from distill.offline.teacher import (
     caption_table,
-    embed_prompts,
     fashion_pixels,
     train_fashion_teachers,
     train_vae,
@@ -124,7 +124,7 @@ def text_separation(args) -> None:
                 num_hidden_layers=layers,
                 initializer_factor=factor,
             )
-            states = embed_prompts(encoder, tokenizer, captions)  # (30, 77, D)
+            states = encode_captions(encoder, tokenizer, captions)  # (30, 77, D)
             flat = F.normalize(states.flatten(1), dim=1)
             cosine = flat @ flat.T
             label = torch.arange(len(captions)) // templates
@@ -320,12 +320,12 @@ def main() -> None:
     parser.add_argument("--out", default="/work/teachers/trial")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-batch-size", type=int, default=32)
     parser.add_argument("--kl-weight", type=float, default=1e-3)
-    parser.add_argument("--vae-channels", type=int, nargs="+", default=[32, 64, 64])
-    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--unet-steps", type=int, default=2000)
     parser.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 64])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)

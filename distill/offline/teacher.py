@@ -28,6 +28,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
+from distill.data.encode import encode_captions
 from distill.errors import UserInputError
 from distill.offline.fashion_mnist import (
     CAPTION_TEMPLATES,
@@ -82,19 +83,6 @@ def caption_table() -> list[str]:
         for template in range(len(CAPTION_TEMPLATES))
     ]
     return captions + [""]
-
-
-@torch.no_grad()
-def embed_prompts(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
-    """(K, 77, D) last hidden states, exactly as StableDiffusionPipeline encodes prompts."""
-    ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,15 +272,15 @@ def export_teacher(folder: Path, *, vae, text_encoder, tokenizer, unet) -> Stabl
 def train_fashion_teachers(
     out_dir: str | Path,
     *,
-    vae_steps: int = 1500,
-    unet_steps: int = 4000,
+    vae_steps: int = 1000,
+    unet_steps: int = 2000,
     batch_size: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
     vae_lr: float = 1e-3,
     vae_batch_size: int = 32,
     kl_weight: float = 1e-3,
-    vae_channels: tuple[int, ...] = (32, 64, 64),
+    vae_channels: tuple[int, ...] = (16, 32, 64),
     unet_channels: tuple[int, ...] = (32, 64, 64),
     text_hidden_size: int = 32,
     text_layers: int = 2,
@@ -318,6 +306,11 @@ def train_fashion_teachers(
     and `training.json` (settings, measured scaling factor, losses, phase times).
     `vae_from` (an AutoencoderKL folder) skips VAE training and reuses that VAE; its scaling
     factor is measured again on this run's images.
+
+    Measured with the defaults on 2 CPU cores (fp32, lightly shared): 800 s in all (VAE 177 s,
+    caches 12 s, UNet + both exports and grids 611 s); VAE test L1 0.049; a classifier (89% on
+    real test images) labels 93% of teacher b's samples (guidance 4) with their prompt's class,
+    84% of teacher a's. Without EMA, min-SNR and LR decay, 3000 steps gave noisy textures.
     """
     if vae_steps < 1 or unet_steps < 2 or batch_size < 1:
         raise UserInputError("vae_steps >= 1, unet_steps >= 2 and batch_size >= 1 are required")
@@ -366,7 +359,7 @@ def train_fashion_teachers(
         num_hidden_layers=text_layers,
         initializer_factor=text_init_factor,
     )
-    prompt_embeddings = embed_prompts(text_encoder, tokenizer, caption_table())
+    prompt_embeddings = encode_captions(text_encoder, tokenizer, caption_table())
     lap("cache")
 
     folders: dict[str, Path] = {}
