@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from distill.errors import UserInputError
 from distill.losses import LOSSES, needs_teacher
+from distill.paths import HUB_ID
 
 
 class _Strict(BaseModel):
@@ -195,7 +196,7 @@ def resolve_paths(recipe: Recipe, recipe_dir: Path) -> Recipe:
         for candidate in (Path(value), recipe_dir / value):
             if candidate.exists():
                 return str(candidate.resolve())
-        if _HUB_ID.match(value) or (allow_name and _NAME_OR_PATTERN.search(value)):
+        if HUB_ID.match(value) or (allow_name and _NAME_OR_PATTERN.search(value)):
             return value
         raise UserInputError(f"{key}: {value!r} does not exist (and is not a hub id owner/name)")
 
@@ -208,6 +209,5 @@ def resolve_paths(recipe: Recipe, recipe_dir: Path) -> Recipe:
     return recipe.model_copy(update={"teachers": teachers, "data": data})
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Builtin source names have no slash ("fashion-mnist"); shard patterns have glob or brace syntax.
 _NAME_OR_PATTERN = re.compile(r"^[\w.-]+$|[*?{]")

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any
 
 from distill.errors import UserInputError
+from distill.paths import HUB_ID
 
 RESULT_FILES = ("metrics.json", "report.md")
 FASHION_TEST_REFERENCE = "fashion-mnist-test"
 # The first images of the real test split (shuffled, so about class-balanced). Inception runs at
 # ~5 images/s on 2 CPU cores, so all 10,000 would cost half an hour; statistics are cached.
 FASHION_REFERENCE_SIZE = 1000
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -57,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     for flag, model in (("--model", args.model), ("--teacher", args.teacher)):
-        if model is not None and not Path(model).is_dir() and not _HUB_ID.match(model):
+        if model is not None and not Path(model).is_dir() and not HUB_ID.match(model):
             raise UserInputError(f"{flag} {model!r} is not a folder (or a hub id owner/name)")
     existing = [name for name in RESULT_FILES if (args.out / name).exists()]
     if existing and not args.overwrite:
