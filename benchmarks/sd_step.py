@@ -38,17 +38,21 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from distill.losses import build_losses, task_target
+from distill.losses import Loss, build_losses, validate_loss_blocks
 from distill.offline.tiny_models import training_noise_scheduler
-from distill.step import NoisyBatch, distillation_losses
+from distill.step import NoisyBatch, distillation_losses, noise_batch
 from distill.teacher import FrozenTeacher
 from students import build_student, count_params, forward_gflops
 from students.teachers import builtin_config, unet_from_config
 
 TEACHER = "sd-v1-4"
 VARIANT = "base"
-STAGE3_WEIGHTS = {"task": 1.0, "output_kd": 1.0, "similarity": 1.0}
-SIMILARITY_MAX_POSITIONS = 256  # the recipe default: 64×64 maps pooled to 16×16
+# The reference recipe's stage 3 (recipes/small_sd_v0.yaml): 64×64 maps pooled to 16×16.
+STAGE3_LOSSES = {
+    "task": {"weight": 1.0},
+    "output_kd": {"weight": 1.0},
+    "similarity": {"weight": 1.0, "max_positions": 256},
+}
 MAX_GRAD_NORM = 1.0  # the trainer's default `training.max_grad_norm`
 LEARNING_RATE = 1e-5  # the reference recipe's; it does not change the cost
 VAE_SCALE = 8  # SD's VAE: 512 px images → 64×64 latents
@@ -150,46 +154,51 @@ def teacher_config(tiny: bool) -> dict[str, Any]:
 
 def build_models(
     config: dict[str, Any], precision: str, seed: int
-) -> tuple[FrozenTeacher, UNet2DConditionModel, list[tuple[str, str]]]:
-    """(frozen teacher, fp32 student initialized from it, layer pairs), seeded.
+) -> tuple[FrozenTeacher, UNet2DConditionModel]:
+    """(frozen teacher, fp32 student initialized from it), seeded.
 
     The student is built from the fp32 teacher so that it gets fp32 weights, as in the trainer;
     only then is the teacher cast to its run dtype.
     """
     torch.manual_seed(seed)
     unet = unet_from_config(config, device="cpu")
-    student, report = build_student(unet, VARIANT)
+    student, _ = build_student(unet, VARIANT)
     teacher_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return FrozenTeacher(unet, dtype=teacher_dtype), student, report.block_pairs
+    return FrozenTeacher(unet, dtype=teacher_dtype), student
 
 
-def noisy_batch(
+def random_batch(
     scheduler: DDPMScheduler,
     batch_size: int,
     latent_size: int,
     text_dim: int,
     generator: torch.Generator,
+    first_sample: int,
 ) -> NoisyBatch:
-    """Random latents and text embeddings, noised at timesteps drawn from SD's training schedule."""
-    latents = torch.randn(batch_size, 4, latent_size, latent_size, generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)  # (B, 4, h, w)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
-    )  # (B,)
+    """Random cached posteriors and text embeddings, noised by the trainer's `noise_batch` with
+    one generator per sample (seeded by its place in the benchmark's sample stream)."""
+    shape = (batch_size, 4, latent_size, latent_size)
+    mean = torch.randn(shape, generator=generator)  # (B, 4, h, w)
+    std = torch.rand(shape, generator=generator) * 0.1
     text = torch.randn(batch_size, TEXT_LENGTH, text_dim, generator=generator)  # (B, 77, D)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = task_target(
-        scheduler.config.prediction_type, latents, noise, timesteps, scheduler.alphas_cumprod
+    generators = [torch.Generator().manual_seed(first_sample + i) for i in range(batch_size)]
+    return noise_batch(
+        mean,
+        std,
+        {"encoder_hidden_states": text},
+        {"encoder_hidden_states": torch.zeros(TEXT_LENGTH, text_dim)},
+        generators,
+        scheduler=scheduler,
+        scaling_factor=1.0,  # the random mean already has unit scale
+        uncond_prob=0.1,
     )
-    return NoisyBatch(noisy, timesteps, text, target)
 
 
 def timed_step(
     student: UNet2DConditionModel,
     teacher: FrozenTeacher,
     batch: NoisyBatch,
-    losses: Sequence[nn.Module],
-    layer_pairs: Sequence[tuple[str, str]],
+    losses: Sequence[Loss],
     optimizer: torch.optim.Optimizer,
     precision: str,
 ) -> dict[str, Any]:
@@ -197,9 +206,7 @@ def timed_step(
     start = time.perf_counter()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     with ForwardClock(teacher) as teacher_clock, ForwardClock(student) as student_clock, autocast:
-        total, terms = distillation_losses(
-            student, teacher, batch, losses, STAGE3_WEIGHTS, layer_pairs
-        )
+        total, terms = distillation_losses(student, teacher, batch, losses)
     after_losses = time.perf_counter()
     total.backward()
     after_backward = time.perf_counter()
@@ -234,6 +241,7 @@ def step_gflop(
     to activations and to weights), as in DESIGN.md's estimate. Gradient checkpointing adds one
     more student forward, which this figure leaves out: it is the useful work.
     """
+
     def meta_gflops(model: UNet2DConditionModel) -> float:
         config = {**dict(model.config), "sample_size": latent_size}
         return forward_gflops(unet_from_config(config, device="meta"), batch_size)
@@ -289,14 +297,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     setup_start = time.perf_counter()
     config = teacher_config(args.tiny)
-    teacher, student, layer_pairs = build_models(config, args.precision, args.seed)
+    teacher, student = build_models(config, args.precision, args.seed)
     student.train()
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     # The trainer's optimizer is torch.optim.AdamW with its defaults (the per-tensor loop on CPU).
     fused = {} if args.unfused_adamw else {"fused": True}  # the trainer uses fused
     optimizer = torch.optim.AdamW(student.parameters(), lr=LEARNING_RATE, **fused)
-    losses = build_losses(STAGE3_WEIGHTS, max_positions=SIMILARITY_MAX_POSITIONS)
+    losses = build_losses(validate_loss_blocks(STAGE3_LOSSES), student.config, teacher.config)
+    layer_pairs = next(loss.layer_pairs for loss in losses if loss.name == "similarity")
     scheduler = training_noise_scheduler()
     latent_size = args.resolution // VAE_SCALE
     generator = torch.Generator().manual_seed(args.seed)
@@ -305,13 +314,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak_after_setup = peak_rss_gib()
 
     steps = []
-    for _ in range(1 + args.steps):  # the first is the warm-up: it also allocates AdamW's state
-        batch = noisy_batch(
-            scheduler, args.batch_size, latent_size, config["cross_attention_dim"], generator
+    for step in range(1 + args.steps):  # the first is the warm-up: it also allocates AdamW's state
+        batch = random_batch(
+            scheduler,
+            args.batch_size,
+            latent_size,
+            config["cross_attention_dim"],
+            generator,
+            first_sample=step * args.batch_size,
         )
-        steps.append(
-            timed_step(student, teacher, batch, losses, layer_pairs, optimizer, args.precision)
-        )
+        steps.append(timed_step(student, teacher, batch, losses, optimizer, args.precision))
     warmup, timed = steps[0], steps[1:]
 
     gflop = step_gflop(teacher.unet, student, latent_size, args.batch_size)
@@ -320,7 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "stage-3 distillation step",
         "teacher": f"{TEACHER} (tiny widths)" if args.tiny else TEACHER,
         "student_variant": VARIANT,
-        "losses": STAGE3_WEIGHTS,
+        "losses": {name: block["weight"] for name, block in STAGE3_LOSSES.items()},
         "layer_pairs": [list(pair) for pair in layer_pairs],
         "resolution": args.resolution,
         "latent_size": latent_size,
@@ -360,9 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def format_report(result: dict[str, Any]) -> str:
     machine, memory, phases = result["machine"], result["memory_gib"], result["phase_seconds"]
     step = result["step_seconds"]
-    student_weights = (
-        "fp32 weights, bf16 autocast" if result["precision"] == "bf16" else "fp32"
-    )
+    student_weights = "fp32 weights, bf16 autocast" if result["precision"] == "bf16" else "fp32"
     teacher_dtype = "bf16" if result["precision"] == "bf16" else "fp32"
     bf16 = ", ".join(machine["cpu_bf16_flags"]) or "no native bf16 flags"
     lines = [

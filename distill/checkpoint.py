@@ -3,7 +3,7 @@
     <run_dir>/checkpoints/stage01-step0000500/
         student.safetensors     the student's weights
         ema.safetensors         EMA shadow weights (when EMA is on)
-        optimizer.pt            optimizer + LR-schedule state (loaded with weights_only=True)
+        optimizer.pt            optimizer, LR-schedule and EMA counters (weights_only=True)
         state.json              stage index and name, step, counters
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a crash leaves
@@ -19,12 +19,16 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
+
+from distill.errors import UserInputError
 
 _NAME = re.compile(r"^stage(\d{2})-step(\d{7})$")
 STUDENT_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE = (
@@ -109,6 +113,28 @@ def latest_checkpoint(root: Path) -> Checkpoint | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def checkpoint_to_resume(root: Path, resume: bool | None) -> Checkpoint | None:
+    """The run's resume policy: `resume` True = must resume (no checkpoint is an error), False =
+    start afresh, None = resume when a checkpoint exists."""
+    checkpoint = latest_checkpoint(root) if resume is not False else None
+    if resume is True and checkpoint is None:
+        raise UserInputError(f"--resume: no checkpoint in {str(root)!r}")
+    return checkpoint
+
+
+def resume_point(
+    checkpoint: Checkpoint | None, stage_steps: list[int], saved: Callable[[int], bool]
+) -> tuple[int, Checkpoint | None]:
+    """(first stage to run, checkpoint to restore in it). A checkpoint at the end of a stage whose
+    final student was saved (`saved(index)`) means that stage is done: start at the next one."""
+    if checkpoint is None:
+        return 0, None
+    index = checkpoint.state.stage_index
+    if checkpoint.state.step >= stage_steps[index] and saved(index):
+        return index + 1, None
+    return index, checkpoint
+
+
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` checkpoints (and crashed temporary folders)."""
     removed = [c.path for c in list_checkpoints(root)[:-keep_last]]
@@ -120,3 +146,62 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
 
 def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+# ----------------------------------------------------------------------------- training objects
+
+
+def save_training_checkpoint(
+    root: Path,
+    state: TrainingState,
+    *,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    ema: EMAModel | None,
+    keep_last: int | None = None,
+) -> Path:
+    """`save_checkpoint` for the objects one stage trains with (`student` unwrapped).
+
+    The EMA's shadow weights go to ema.safetensors as tensors "0", "1", ... in parameter order;
+    its counters (step, decay settings) go to optimizer.pt beside the optimizer's state.
+    """
+    ema_tensors, ema_state = None, None
+    if ema is not None:
+        ema_state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+        ema_tensors = {f"{i}": p for i, p in enumerate(ema.shadow_params)}
+    return save_checkpoint(
+        root,
+        state,
+        student=student.state_dict(),
+        ema=ema_tensors,
+        optimizer={
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "ema": ema_state,
+        },
+        keep_last=keep_last,
+    )
+
+
+def restore_training_checkpoint(
+    checkpoint: Checkpoint,
+    *,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    ema: EMAModel | None,
+) -> None:
+    """Load what `save_training_checkpoint` wrote into the (unprepared) training objects."""
+    student.load_state_dict(checkpoint.load_student())
+    state = checkpoint.load_optimizer()
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is None:
+        return
+    shadow = checkpoint.load_ema()
+    if shadow is None or state.get("ema") is None:
+        raise UserInputError(f"checkpoint {checkpoint.path} has no EMA weights; EMA is on")
+    ema.load_state_dict(
+        state["ema"] | {"shadow_params": [shadow[f"{i}"] for i in range(len(shadow))]}
+    )

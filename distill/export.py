@@ -121,13 +121,15 @@ def model_card(
         + (f"{recipe.training.ema.decay}" if recipe.training.ema.enabled else "off")
         + ".",
         "",
-        "| stage | teacher | steps | batch | lr (schedule, warmup) | loss weights |",
+        "| stage | teacher | steps | batch | lr (schedule, warmup) | losses (weight) |",
         "|---|---|---|---|---|---|",
         *[
             f"| {i + 1}. {s.name} | {s.teacher or '—'} | {s.steps:,} | "
             f"{s.batch_size}×{s.gradient_accumulation} | {s.lr:g} ({s.lr_schedule}, "
             f"{s.warmup_steps}) | "
-            + ", ".join(f"{k} {v:g}" for k, v in s.loss_weights.items() if v)
+            + ", ".join(
+                f"{name} {block.weight:g}" for name, block in s.losses.items() if block.weight
+            )
             + " |"
             for i, s in enumerate(recipe.stages)
         ],

@@ -12,10 +12,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from distill.errors import UserInputError
-from distill.losses import LOSSES, needs_teacher
+from distill.losses import LossOptions, reads_teacher, validate_loss_blocks
 from distill.paths import HUB_ID
 
 
@@ -70,26 +78,50 @@ class TrainingSpec(_Strict):
 
 class StageSpec(_Strict):
     name: str
-    teacher: str | None = None  # a key of `teachers`; needed by every loss term but "task"
+    teacher: str | None = None  # a key of `teachers`; needed by every loss but "task"
     steps: Annotated[int, Field(gt=0)]
     batch_size: Annotated[int, Field(gt=0)]  # per process and per micro-step
     gradient_accumulation: Annotated[int, Field(gt=0)] = 1
     lr: Annotated[float, Field(gt=0.0)]
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: Annotated[int, Field(ge=0)] = 0
-    loss_weights: dict[str, Annotated[float, Field(ge=0.0)]] = {"task": 1.0}
-    # (student module path, teacher module path); default: the builder's stage-output pairs
-    layer_pairs: list[tuple[str, str]] | None = None
-    similarity_max_positions: Annotated[int, Field(gt=0)] = 256
+    # Loss name -> its block: weight, optional layer_pairs, and the loss's own options, each block
+    # validated by that loss's schema (`distill.losses`).
+    losses: dict[str, SerializeAsAny[LossOptions]] = {"task": LossOptions()}
 
-    @model_validator(mode="after")
-    def _known_losses(self) -> StageSpec:
-        unknown = sorted(set(self.loss_weights) - set(LOSSES))
-        if unknown:
-            raise ValueError(f"unknown loss {unknown[0]!r}; valid: {', '.join(LOSSES)}")
-        if not any(self.loss_weights.values()):
-            raise ValueError("every loss weight is zero")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _no_old_loss_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and _OLD_LOSS_KEYS & set(raw):
+            raise ValueError(old_loss_keys_message(raw))
+        return raw
+
+    @field_validator("losses", mode="before")
+    @classmethod
+    def _loss_blocks(cls, blocks: Any) -> dict[str, LossOptions]:
+        return validate_loss_blocks(blocks)
+
+
+# Before loss blocks, a stage had one weight per loss and one set of layer pairs for all of them.
+_OLD_LOSS_KEYS = {"loss_weights", "layer_pairs", "similarity_max_positions"}
+
+
+def old_loss_keys_message(stage: dict[str, Any]) -> str:
+    """The old keys, and the `losses:` blocks that say the same thing, in one line."""
+    weights = stage.get("loss_weights") or {"task": 1.0}
+    blocks = {}
+    for name, weight in weights.items():
+        block: dict[str, Any] = {"weight": weight}
+        if name in {"feature_kd", "similarity", "attention_relation"} and stage.get("layer_pairs"):
+            block["layer_pairs"] = stage["layer_pairs"]
+        if name in {"similarity", "attention_relation"} and "similarity_max_positions" in stage:
+            block["max_positions"] = stage["similarity_max_positions"]
+        blocks[name] = block
+    new_form = yaml.safe_dump(
+        {"losses": blocks}, default_flow_style=True, sort_keys=False, width=10_000
+    ).strip()
+    old = ", ".join(sorted(_OLD_LOSS_KEYS & set(stage)))
+    return f"{old} were replaced by one block per loss; write {new_form}"
 
 
 class Recipe(_Strict):
@@ -109,8 +141,10 @@ class Recipe(_Strict):
         for i, stage in enumerate(self.stages):
             if stage.teacher is not None and stage.teacher not in self.teachers:
                 raise ValueError(f"stages.{i}.teacher {stage.teacher!r} is not in teachers")
-            if stage.teacher is None and needs_teacher(stage.loss_weights):
-                raise ValueError(f"stages.{i} ({stage.name}) has KD loss weights but no teacher")
+            if stage.teacher is None and reads_teacher(stage.losses):
+                raise ValueError(
+                    f"stages.{i} ({stage.name}) has losses that read a teacher, but no teacher"
+                )
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):
             raise ValueError("stage names must be unique")

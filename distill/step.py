@@ -1,71 +1,117 @@
-"""One distillation loss computation: student and teacher on the same noisy latents.
+"""One distillation step's math: noising a cached batch, and the losses of both models on it.
 
-Kept apart from the trainer (which owns data, randomness and the optimizer) so that the same code
-is what the SD-scale benchmark times and what the tests exercise.
+Pure functions in k-diffusion's style, shared by the trainer, the SD-scale benchmark and the tests:
+
+    noise_batch(...)          cached posterior + conditioning + per-sample generators -> NoisyBatch
+    distillation_losses(...)  student (and frozen teacher) on a NoisyBatch -> (total, raw terms)
+
+`distillation_losses` never names a loss: it taps what the losses ask for, runs both models once,
+freezes the result into a `StepOutputs` record and lets every loss read what it needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from diffusers import DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor, nn
 
-from distill.losses import needs_feature_taps, weighted_total
+from distill.data.cache import sample_latents
+from distill.losses import Loss, StepOutputs, task_target, weighted_total
 from distill.taps import FeatureTaps
 from distill.teacher import FrozenTeacher
 
 
 @dataclass(frozen=True)
 class NoisyBatch:
-    noisy: torch.Tensor  # (B, 4, h, w) latents after the forward process at `timesteps`
-    timesteps: torch.Tensor  # (B,)
-    text: torch.Tensor  # (B, 77, D) text-encoder hidden states (empty prompt where dropped)
-    target: torch.Tensor  # (B, 4, h, w) ε or v, per the scheduler's prediction type
+    noisy: Tensor  # (B, C, h, w) latents after the forward process at `timesteps`
+    timesteps: Tensor  # (B,) integer steps
+    conditioning: dict[str, Tensor]  # the UNet's keyword inputs, e.g. encoder_hidden_states
+    target: Tensor  # (B, C, h, w) ε or v, per the scheduler's prediction type
+
+
+def noise_batch(
+    latent_mean: Tensor,
+    latent_std: Tensor,
+    conditioning: Mapping[str, Tensor],
+    unconditional: Mapping[str, Tensor],
+    generators: Sequence[torch.Generator],
+    *,
+    scheduler: DDPMScheduler,
+    scaling_factor: float,
+    shift_factor: float | None = None,
+    uncond_prob: float = 0.0,
+    device: torch.device | str = "cpu",
+) -> NoisyBatch:
+    """The forward diffusion process on one batch, every draw from the sample's own generator.
+
+    latent_mean, latent_std: (B, C, h, w), the cached VAE posterior (unscaled).
+    conditioning: the batch's UNet inputs, each (B, ...); unconditional: the empty prompt's, each
+        without the batch axis. A sample dropped for classifier-free guidance (probability
+        `uncond_prob`) gets the empty prompt's value for every key in `unconditional`.
+    generators: one CPU generator per sample (`distill.step_randomness.sample_generator`), drawn
+        in a fixed order: posterior sample, noise, timestep, dropout. The batch is therefore the
+        same on any device and for any split of the global batch over processes.
+    """
+    latents = sample_latents(
+        latent_mean, latent_std, scaling_factor, list(generators), shift_factor=shift_factor
+    )  # (B, C, h, w)
+    noise = randn_tensor(latents.shape, generator=list(generators))  # (B, C, h, w)
+    num_timesteps = scheduler.config.num_train_timesteps
+    timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in generators])
+    drop = torch.cat([torch.rand(1, generator=g) for g in generators]) < uncond_prob  # (B,)
+    inputs = dict(conditioning)
+    for key, empty in unconditional.items():
+        mask = drop.reshape(-1, *([1] * empty.dim()))  # (B, 1, ...): broadcast over the value
+        inputs[key] = torch.where(mask, empty[None], inputs[key])
+
+    latents, noise, timesteps = (t.to(device) for t in (latents, noise, timesteps))
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = task_target(
+        scheduler.config.prediction_type,
+        latents,
+        noise,
+        timesteps,
+        scheduler.alphas_cumprod.to(device),
+    )
+    return NoisyBatch(noisy, timesteps, {k: v.to(device) for k, v in inputs.items()}, target)
 
 
 def distillation_losses(
     student: nn.Module,
     teacher: FrozenTeacher | None,
     batch: NoisyBatch,
-    losses: Sequence[nn.Module],
-    weights: Mapping[str, float],
-    layer_pairs: Sequence[tuple[str, str]],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(weighted total, raw terms). Run it under the run's autocast; the teacher is frozen."""
-    with feature_taps(student, teacher, layer_pairs, enabled=needs_feature_taps(weights)) as taps:
-        student_pred = student(batch.noisy, batch.timesteps, batch.text).sample
-        teacher_pred = teacher(batch.noisy, batch.timesteps, batch.text) if teacher else None
-        terms: dict[str, torch.Tensor] = {}
-        for loss in losses:
-            # Predictions in fp32 for the losses: bf16 MSE of near-equal tensors loses the signal.
-            if loss.name == "task":
-                terms |= loss(student_pred.float(), batch.target.float())
-            elif loss.name == "output_kd":
-                terms |= loss(student_pred.float(), teacher_pred.float())
-            else:
-                student_taps, teacher_taps = taps
-                terms |= loss(student_taps.features, teacher_taps.features, layer_pairs)
-    return weighted_total(terms, weights), terms
-
-
-@contextmanager
-def feature_taps(
-    student: nn.Module,
-    teacher: FrozenTeacher | None,
-    layer_pairs: Sequence[tuple[str, str]],
-    enabled: bool,
-) -> Iterator[tuple[FeatureTaps, FeatureTaps] | None]:
-    """Taps on both models for the feature losses, or nothing when no loss reads features."""
-    if not enabled:
-        yield None
-        return
-    if teacher is None:
-        raise ValueError("feature losses need a teacher")
-    with (
-        FeatureTaps(student, [s for s, _ in layer_pairs]) as student_taps,
-        FeatureTaps(teacher.unet, [t for _, t in layer_pairs], detach=True) as teacher_taps,
-    ):
-        yield student_taps, teacher_taps
+    losses: Sequence[Loss],
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(weighted total, raw terms) of `losses` on one batch. Run it under the run's autocast; the
+    teacher is frozen and runs only when a loss reads it."""
+    student_paths = [path for loss in losses for path in loss.tapped_paths()[0]]
+    teacher_paths = [path for loss in losses for path in loss.tapped_paths()[1]]
+    reads_teacher = any(loss.reads_teacher for loss in losses)
+    if teacher is None and reads_teacher:
+        raise ValueError("these losses read a teacher, and the stage has none")
+    teacher_features: Mapping[str, Tensor] = {}
+    with ExitStack() as stack:
+        student_taps = stack.enter_context(FeatureTaps(student, student_paths))
+        student_pred = student(batch.noisy, batch.timesteps, **batch.conditioning).sample
+        teacher_pred = None
+        if teacher is not None and reads_teacher:
+            taps = stack.enter_context(FeatureTaps(teacher.unet, teacher_paths, detach=True))
+            teacher_pred = teacher(batch.noisy, batch.timesteps, **batch.conditioning)
+            teacher_features = taps.features
+    outputs = StepOutputs(
+        student_pred=student_pred.float(),
+        target=batch.target.float(),
+        teacher_pred=teacher_pred.float() if teacher_pred is not None else None,
+        student_features=student_taps.features,
+        teacher_features=teacher_features,
+        timesteps=batch.timesteps,
+    )
+    terms: dict[str, Tensor] = {}
+    for loss in losses:
+        terms |= loss(outputs)
+    return weighted_total(terms, losses), terms

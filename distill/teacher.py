@@ -80,13 +80,22 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def forward(
         self,
-        sample: torch.Tensor,  # (B, 4, h, w) noisy latents
+        sample: torch.Tensor,  # (B, C, h, w) noisy latents
         timestep: torch.Tensor,  # (B,)
-        encoder_hidden_states: torch.Tensor,  # (B, 77, D)
+        **conditioning: Any,  # the UNet's keyword inputs, e.g. encoder_hidden_states (B, L, D)
     ) -> torch.Tensor:
-        return self.unet(
-            sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype)
-        ).sample  # (B, 4, h, w)
+        """The teacher's prediction (B, C, h, w), computed in the teacher's dtype."""
+        inputs = {key: _cast(value, self.dtype) for key, value in conditioning.items()}
+        return self.unet(sample.to(self.dtype), timestep, **inputs).sample
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors (also inside dicts, as SDXL's added_cond_kwargs) in `dtype`."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, dict):
+        return {key: _cast(inner, dtype) for key, inner in value.items()}
+    return value
 
 
 def check_compatible(

@@ -2,7 +2,7 @@
 
 from students.builder import InitReport, build_student
 from students.cost import count_params, forward_gflops
-from students.init_map import block_pairs, init_map, layer_index_map
+from students.init_map import block_pairs, init_map, layer_index_map, self_attention_pairs
 from students.teachers import builtin_teachers, load_teacher_unet
 from students.variants import VARIANTS, StudentVariant, get_variant, student_config
 
@@ -19,5 +19,6 @@ __all__ = [
     "init_map",
     "layer_index_map",
     "load_teacher_unet",
+    "self_attention_pairs",
     "student_config",
 ]

@@ -23,11 +23,13 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from students.teachers import unet_from_config
 from students.variants import max_layers_per_block
 
-# `down_blocks.1.resnets.0.conv1.weight` -> ("down_blocks", "1", "resnets", "0", "conv1.weight")
-_LAYER_KEY = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$")
-_BLOCK_KEY = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(.+)$")
+# `down_blocks.1.resnets.0.conv1.weight` -> ("down_blocks", "1", "resnets", "0", ".conv1.weight");
+# a module path such as `up_blocks.1.attentions.2` matches too, with an empty rest.
+_LAYER_KEY = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)((?:\..+)?)$")
+_BLOCK_KEY = re.compile(r"^(down_blocks|up_blocks)\.(\d+)((?:\..+)?)$")
 
 
 def layer_index_map(student_layers: int, teacher_layers: int, keep_last: bool) -> list[int]:
@@ -68,7 +70,8 @@ def block_pairs(
 def teacher_key_for(
     student_key: str, student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
 ) -> str:
-    """The teacher state-dict key whose tensor initializes `student_key` (it may not exist)."""
+    """The teacher state-dict key (or module path) that initializes `student_key`; the teacher
+    may have no such key."""
     offset = _up_block_offset(student_config, teacher_config)
     match = _LAYER_KEY.match(student_key)
     if match:
@@ -78,11 +81,34 @@ def teacher_key_for(
         teacher_block = block + offset if kind == "up_blocks" else block
         teacher_layers = _layers_in_block(teacher_config, kind, teacher_block)
         index = layer_index_map(student_layers, teacher_layers, keep_last=kind == "up_blocks")
-        return f"{kind}.{teacher_block}.{layer_kind}.{index[layer]}.{rest}"
+        return f"{kind}.{teacher_block}.{layer_kind}.{index[layer]}{rest}"
     match = _BLOCK_KEY.match(student_key)
     if match and match.group(1) == "up_blocks":  # up-block samplers move with their block
-        return f"up_blocks.{int(match.group(2)) + offset}.{match.group(3)}"
+        return f"up_blocks.{int(match.group(2)) + offset}{match.group(3)}"
     return student_key
+
+
+def self_attention_pairs(
+    student_config: Mapping[str, Any], teacher_config: Mapping[str, Any], projection: str = "to_q"
+) -> list[tuple[str, str]]:
+    """(student, teacher) paths of one projection (`to_q`, `to_k`, `to_v`) of every student
+    self-attention (`attn1`), each paired with the teacher attention it is initialized from.
+
+    Module names come from meta-device models built from the configs (no weights), so the list
+    follows any block layout and transformer depth; pairs whose teacher module does not exist are
+    left out.
+    """
+    suffix = f".attn1.{projection}"
+    teacher = unet_from_config(dict(teacher_config), "meta")
+    teacher_paths = {name for name, _ in teacher.named_modules()}
+    student = unet_from_config(dict(student_config), "meta")
+    pairs = []
+    for path, _ in student.named_modules():
+        if path.endswith(suffix):
+            teacher_path = teacher_key_for(path, student_config, teacher_config)
+            if teacher_path in teacher_paths:
+                pairs.append((path, teacher_path))
+    return pairs
 
 
 def init_map(

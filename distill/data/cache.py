@@ -17,9 +17,9 @@ import bisect
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -456,6 +456,15 @@ class _ShardedEncoder:
 # ----------------------------------------------------------------------------- reading
 
 
+@dataclass(frozen=True)
+class CachedBatch:
+    """A training batch as the cache stores it, before noising (`distill.step.noise_batch`)."""
+
+    latent_mean: torch.Tensor  # (B, C, h, w) VAE posterior mean, unscaled
+    latent_std: torch.Tensor  # (B, C, h, w)
+    conditioning: dict[str, torch.Tensor]  # UNet inputs, e.g. encoder_hidden_states (B, L, D)
+
+
 class LatentCache(torch.utils.data.Dataset):
     """A finished cache as a map-style dataset.
 
@@ -519,8 +528,28 @@ class LatentCache(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        flipped = self.num_variants == 2 and flip_choice(self.seed, self.epoch, index)
+        return self.shown(index, self.epoch)
+
+    def shown(self, index: int, epoch: int) -> dict[str, torch.Tensor]:
+        """Sample `index` as epoch `epoch` shows it: flipped when `flip_choice` says so."""
+        flipped = self.num_variants == 2 and flip_choice(self.seed, epoch, index)
         return self.item(index, variant=int(flipped))
+
+    def batch(self, samples: Sequence[tuple[int, int]]) -> CachedBatch:
+        """The (index, epoch) samples, stacked, with their conditioning as the UNet's inputs."""
+        items = [self.shown(index, epoch) for index, epoch in samples]
+        return CachedBatch(
+            latent_mean=torch.stack([item["latent_mean"] for item in items]),
+            latent_std=torch.stack([item["latent_std"] for item in items]),
+            conditioning={
+                "encoder_hidden_states": torch.stack([item["text_embedding"] for item in items])
+            },
+        )
+
+    @property
+    def empty_conditioning(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's conditioning (no batch axis): classifier-free dropout's input."""
+        return {"encoder_hidden_states": self._empty_text}
 
     def item(self, index: int, variant: int = 0) -> dict[str, torch.Tensor]:
         """Sample `index` in variant `variant` (0 original, 1 flipped when stored)."""

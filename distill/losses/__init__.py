@@ -1,12 +1,14 @@
-"""Distillation losses: small parameter-free modules returning named, unweighted terms.
+"""Distillation losses: modules that read one step's record (`StepOutputs`) and return named,
+unweighted terms.
 
-Three call shapes, told apart by each class's `uses_teacher` / `uses_features` flags:
-- TaskLoss()(student_pred, target)                               -> {"task": ...}
-- OutputKDLoss()(student_pred, teacher_pred)                     -> {"output_kd": ...}
-- FeatureKDLoss / SimilarityMatchingLoss / AttentionRelationLoss
-      (student_feats, teacher_feats, pairs)                      -> {"<name>": ...}
-where the feature dicts come from `distill.taps.FeatureTaps` and pairs are
-(student_path, teacher_path) tuples. `weighted_total` turns the terms into the training loss.
+- `task`: MSE(student, scheduler target ε or v)
+- `output_kd`: MSE(student, teacher prediction), the "soft labels"
+- `feature_kd`: Σ MSE over layer pairs (BK-SDM)
+- `similarity`: Σ MSE of position-similarity matrices over layer pairs (width-independent)
+- `attention_relation`: Σ KL of self-attention relations over projection pairs (MiniLMv2)
+
+Each has its own recipe block (`Options`); see `base.py` for the contract and `registry.py` for
+how blocks become modules and terms become the training loss.
 """
 
 from distill.losses.attention_relation import (
@@ -14,19 +16,29 @@ from distill.losses.attention_relation import (
     attention_relation_log_probs,
     relation_kl,
 )
-from distill.losses.combine import (
+from distill.losses.base import (
+    FeatureLoss,
+    FeatureLossOptions,
+    LayerPair,
+    Loss,
+    LossOptions,
+    StepOutputs,
+)
+from distill.losses.feature_kd import FeatureKDLoss
+from distill.losses.output_kd import OutputKDLoss
+from distill.losses.registry import (
     LOSSES,
-    active_losses,
+    active,
     build_losses,
-    needs_feature_taps,
-    needs_teacher,
+    reads_teacher,
+    register_loss,
+    validate_loss_blocks,
     weighted_total,
 )
-from distill.losses.feature_kd import FeatureKDLoss, feature_pairs
-from distill.losses.output_kd import OutputKDLoss
 from distill.losses.similarity import (
     SimilarityMatchingLoss,
     pooled_grid_size,
+    pooled_positions,
     pooled_tokens,
     similarity_matrix,
 )
@@ -37,19 +49,26 @@ __all__ = [
     "PREDICTION_TYPES",
     "AttentionRelationLoss",
     "FeatureKDLoss",
+    "FeatureLoss",
+    "FeatureLossOptions",
+    "LayerPair",
+    "Loss",
+    "LossOptions",
     "OutputKDLoss",
     "SimilarityMatchingLoss",
+    "StepOutputs",
     "TaskLoss",
-    "active_losses",
+    "active",
     "attention_relation_log_probs",
     "build_losses",
-    "feature_pairs",
-    "needs_feature_taps",
-    "needs_teacher",
     "pooled_grid_size",
+    "pooled_positions",
     "pooled_tokens",
+    "reads_teacher",
+    "register_loss",
     "relation_kl",
     "similarity_matrix",
     "task_target",
+    "validate_loss_blocks",
     "weighted_total",
 ]

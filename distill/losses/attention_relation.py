@@ -8,7 +8,9 @@ summed over each row's distribution and averaged over batch, heads and rows. Bec
 
 Which module outputs to tap: the projections of a diffusers self-attention, e.g.
 `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` (or `.to_k` / `.to_v`). Only `attn1`
-is self-attention; `attn2` projects its keys/values from the text. Fused projections
+is self-attention; `attn2` projects its keys/values from the text. The default pairs are the Q, K
+and V projections of every self-attention the student kept, each with the teacher attention it was
+initialized from (MiniLMv2 matches Q-Q, K-K and V-V relations). Fused projections
 (`fuse_qkv_projections`) bypass `to_q`, so tap unfused models.
 
 Relations cost R·N² per sample, so tokens are first pooled to N ≤ max_positions on their grid
@@ -18,15 +20,19 @@ Relations cost R·N² per sample, so tokens are first pooled to N ≤ max_positi
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from pydantic import Field
+from torch import Tensor
 
 from distill.errors import UserInputError
-from distill.losses.feature_kd import feature_pairs
-from distill.losses.similarity import pooled_tokens
+from distill.losses.base import FeatureLoss, FeatureLossOptions, LayerPair, LossOptions, Shape
+from distill.losses.similarity import pooled_positions, pooled_tokens
+from students import self_attention_pairs
+
+PROJECTIONS = ("to_q", "to_k", "to_v")
 
 
 def attention_relation_log_probs(tokens: Tensor, relation_heads: int) -> Tensor:
@@ -55,48 +61,59 @@ def relation_kl(teacher_log_probs: Tensor, student_log_probs: Tensor) -> Tensor:
     return (teacher_probs * (teacher_log_probs - student_log_probs)).sum(dim=-1).mean()
 
 
-class AttentionRelationLoss(nn.Module):
+class AttentionRelationOptions(FeatureLossOptions):
+    relation_heads: Annotated[int, Field(gt=0)] = 8
+    max_positions: Annotated[int, Field(gt=0)] = 256
+
+
+class AttentionRelationLoss(FeatureLoss):
     """Σ over layer pairs of KL(teacher relations ‖ student relations); inputs (B, N, C)."""
 
     name: ClassVar[str] = "attention_relation"
-    uses_teacher: ClassVar[bool] = True
-    uses_features: ClassVar[bool] = True
+    Options: ClassVar[type[LossOptions]] = AttentionRelationOptions
 
-    def __init__(self, relation_heads: int = 8, max_positions: int = 256) -> None:
-        super().__init__()
-        for option, value in (("relation_heads", relation_heads), ("max_positions", max_positions)):
-            if not isinstance(value, int) or value < 1:
-                raise UserInputError(f"{option} must be a positive integer, got {value!r}")
+    def __init__(
+        self,
+        weight: float = 1.0,
+        layer_pairs=(),
+        relation_heads: int = 8,
+        max_positions: int = 256,
+    ) -> None:
+        super().__init__(weight, layer_pairs)
         self.relation_heads = relation_heads
         self.max_positions = max_positions
 
-    def forward(
-        self,
-        student_feats: Mapping[str, Tensor],
-        teacher_feats: Mapping[str, Tensor],
-        pairs: Sequence[tuple[str, str]],
-    ) -> dict[str, Tensor]:
-        total = None
-        for pair, student, teacher in feature_pairs(student_feats, teacher_feats, pairs, self.name):
-            if student.dim() != 3 or teacher.dim() != 3:
-                raise UserInputError(
-                    f"attention_relation pair {pair}: expected (B, N, C) attention projections "
-                    f"(e.g. '...attn1.to_q'), got student {tuple(student.shape)}, teacher "
-                    f"{tuple(teacher.shape)}"
-                )
-            student_tokens = pooled_tokens(student.float(), self.max_positions)
-            teacher_tokens = pooled_tokens(teacher.float(), self.max_positions)
-            if student_tokens.shape[:2] != teacher_tokens.shape[:2]:
-                raise UserInputError(
-                    f"attention_relation pair {pair}: student {tuple(student.shape)} and teacher "
-                    f"{tuple(teacher.shape)} differ in batch or number of positions"
-                )
-            term = relation_kl(
-                attention_relation_log_probs(teacher_tokens, self.relation_heads),
-                attention_relation_log_probs(student_tokens, self.relation_heads),
-            )
-            total = term if total is None else total + term
-        return {"attention_relation": total}
+    @classmethod
+    def default_pairs(
+        cls, student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
+    ) -> list[LayerPair]:
+        return [
+            pair
+            for projection in PROJECTIONS
+            for pair in self_attention_pairs(student_config, teacher_config, projection)
+        ]
+
+    def shape_error(self, student: Shape, teacher: Shape) -> str | None:
+        if len(student) != 3 or len(teacher) != 3:
+            return "expected (B, N, C) attention projections (e.g. '...attn1.to_q')"
+        if pooled_positions(student, self.max_positions) != pooled_positions(
+            teacher, self.max_positions
+        ):
+            return "student and teacher differ in batch or number of positions"
+        if student[-1] % self.relation_heads or teacher[-1] % self.relation_heads:
+            return f"widths must be divisible by relation_heads={self.relation_heads}"
+        return None
+
+    def pair_term(self, student: Tensor, teacher: Tensor) -> Tensor:
+        student_tokens = pooled_tokens(student.float(), self.max_positions)
+        teacher_tokens = pooled_tokens(teacher.float(), self.max_positions)
+        return relation_kl(
+            attention_relation_log_probs(teacher_tokens, self.relation_heads),
+            attention_relation_log_probs(student_tokens, self.relation_heads),
+        )
 
     def extra_repr(self) -> str:
-        return f"relation_heads={self.relation_heads}, max_positions={self.max_positions}"
+        return (
+            f"{super().extra_repr()}, relation_heads={self.relation_heads}, "
+            f"max_positions={self.max_positions}"
+        )

@@ -10,15 +10,18 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from distill.losses.base import Loss, StepOutputs
 
 
-class OutputKDLoss(nn.Module):
+class OutputKDLoss(Loss):
     """MSE between student and (detached) teacher predictions, both (B, C, H, W), in fp32."""
 
     name: ClassVar[str] = "output_kd"
-    uses_teacher: ClassVar[bool] = True
-    uses_features: ClassVar[bool] = False
 
-    def forward(self, student_pred: Tensor, teacher_pred: Tensor) -> dict[str, Tensor]:
-        return {"output_kd": F.mse_loss(student_pred.float(), teacher_pred.detach().float())}
+    def forward(self, outputs: StepOutputs) -> dict[str, Tensor]:
+        if outputs.teacher_pred is None:
+            raise ValueError("output_kd needs the teacher's prediction; the stage has no teacher")
+        teacher = outputs.teacher_pred.detach().float()
+        return {"output_kd": F.mse_loss(outputs.student_pred.float(), teacher)}

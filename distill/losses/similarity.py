@@ -11,15 +11,16 @@ adaptive-average-pooled so that N ≤ max_positions (default 256, i.e. 16×16).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from pydantic import Field
+from torch import Tensor
 
-from distill.errors import UserInputError
-from distill.losses.feature_kd import feature_pairs
+from distill.losses.base import FeatureLoss, FeatureLossOptions, LayerPair, LossOptions, Shape
+from students import block_pairs
 
 
 def pooled_grid_size(height: int, width: int, max_positions: int) -> tuple[int, int]:
@@ -36,6 +37,22 @@ def pooled_grid_size(height: int, width: int, max_positions: int) -> tuple[int, 
     pooled_height = max(1, min(height, max_positions, math.floor(height * scale + 1e-6)))
     pooled_width = max(1, min(width, max_positions // pooled_height))
     return pooled_height, pooled_width
+
+
+def pooled_positions(shape: Shape, max_positions: int) -> Shape | None:
+    """(B, *grid) of the tokens `pooled_tokens` makes from features of `shape`; None when the
+    shape is neither (B, C, H, W) nor (B, N, C). Two features pair when these agree."""
+    if len(shape) == 4:
+        return (shape[0], *pooled_grid_size(shape[2], shape[3], max_positions))
+    if len(shape) == 3:
+        batch, positions = shape[0], shape[1]
+        if positions <= max_positions:
+            return (batch, positions)
+        side = math.isqrt(positions)
+        if side * side == positions:
+            return (batch, *pooled_grid_size(side, side, max_positions))
+        return (batch, max_positions)
+    return None
 
 
 def pooled_tokens(features: Tensor, max_positions: int) -> Tensor:
@@ -79,39 +96,39 @@ def similarity_matrix(features: Tensor, max_positions: int) -> Tensor:
         return torch.bmm(tokens, tokens.transpose(1, 2)) / tokens.shape[-1]  # (B, N, N)
 
 
-class SimilarityMatchingLoss(nn.Module):
+class SimilarityOptions(FeatureLossOptions):
+    max_positions: Annotated[int, Field(gt=0)] = 256  # N cap before G = H·Hᵀ / C (16×16)
+
+
+class SimilarityMatchingLoss(FeatureLoss):
     """Σ over layer pairs of MSE(G_S, G_T); student and teacher widths may differ."""
 
     name: ClassVar[str] = "similarity"
-    uses_teacher: ClassVar[bool] = True
-    uses_features: ClassVar[bool] = True
+    Options: ClassVar[type[LossOptions]] = SimilarityOptions
 
-    def __init__(self, max_positions: int = 256) -> None:
-        super().__init__()
-        if not isinstance(max_positions, int) or max_positions < 1:
-            raise UserInputError(f"max_positions must be a positive integer, got {max_positions!r}")
+    def __init__(self, weight: float = 1.0, layer_pairs=(), max_positions: int = 256) -> None:
+        super().__init__(weight, layer_pairs)
         self.max_positions = max_positions
 
-    def forward(
-        self,
-        student_feats: Mapping[str, Tensor],
-        teacher_feats: Mapping[str, Tensor],
-        pairs: Sequence[tuple[str, str]],
-    ) -> dict[str, Tensor]:
-        total = None
-        for pair, student, teacher in feature_pairs(student_feats, teacher_feats, pairs, self.name):
-            student_gram = similarity_matrix(student, self.max_positions)
-            teacher_gram = similarity_matrix(teacher, self.max_positions)
-            if student_gram.shape != teacher_gram.shape:
-                raise UserInputError(
-                    f"similarity pair {pair}: student similarity {tuple(student_gram.shape)} != "
-                    f"teacher similarity {tuple(teacher_gram.shape)}; paired layers need the same "
-                    f"batch and spatial size (student {tuple(student.shape)}, teacher "
-                    f"{tuple(teacher.shape)})"
-                )
-            term = F.mse_loss(student_gram, teacher_gram)
-            total = term if total is None else total + term
-        return {"similarity": total}
+    @classmethod
+    def default_pairs(
+        cls, student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
+    ) -> list[LayerPair]:
+        return block_pairs(student_config, teacher_config)  # every stage's output
+
+    def shape_error(self, student: Shape, teacher: Shape) -> str | None:
+        student_grid = pooled_positions(student, self.max_positions)
+        teacher_grid = pooled_positions(teacher, self.max_positions)
+        if student_grid is None or teacher_grid is None:
+            return "expected (B, C, H, W) maps or (B, N, C) tokens"
+        if student_grid != teacher_grid:
+            return "paired layers need the same batch and spatial size"
+        return None
+
+    def pair_term(self, student: Tensor, teacher: Tensor) -> Tensor:
+        student_gram = similarity_matrix(student, self.max_positions)
+        teacher_gram = similarity_matrix(teacher, self.max_positions)
+        return F.mse_loss(student_gram, teacher_gram)
 
     def extra_repr(self) -> str:
-        return f"max_positions={self.max_positions}"
+        return f"{super().extra_repr()}, max_positions={self.max_positions}"

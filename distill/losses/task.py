@@ -2,7 +2,8 @@
 
 Which target depends on the noise scheduler's `prediction_type`: SD v1.x predicts the noise ε,
 SD 2.x-v predicts the velocity v (Salimans & Ho 2022, "Progressive Distillation", arXiv 2202.00512,
-Sec. 4; diffusers `DDPMScheduler.get_velocity`).
+Sec. 4; diffusers `DDPMScheduler.get_velocity`). The step builds the target (`task_target`); the
+loss only reads it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from distill.errors import UserInputError
+from distill.losses.base import Loss, StepOutputs
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -45,13 +47,12 @@ def task_target(
     )
 
 
-class TaskLoss(nn.Module):
-    """MSE between the student's prediction and the scheduler target (computed in fp32)."""
+class TaskLoss(Loss):
+    """MSE between the student's prediction and the scheduler target, reduced in fp32."""
 
     name: ClassVar[str] = "task"
-    uses_teacher: ClassVar[bool] = False
-    uses_features: ClassVar[bool] = False
+    reads_teacher: ClassVar[bool] = False
 
-    def forward(self, student_pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+    def forward(self, outputs: StepOutputs) -> dict[str, Tensor]:
         # Reduce in fp32: a mean of many small squared errors loses digits in bf16.
-        return {"task": F.mse_loss(student_pred.float(), target.float())}
+        return {"task": F.mse_loss(outputs.student_pred.float(), outputs.target.float())}

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from distill.errors import UserInputError
 from distill.losses import (
@@ -18,13 +19,14 @@ from distill.losses import (
     TaskLoss,
     attention_relation_log_probs,
     build_losses,
-    needs_feature_taps,
-    needs_teacher,
     pooled_grid_size,
+    reads_teacher,
     similarity_matrix,
     task_target,
+    validate_loss_blocks,
     weighted_total,
 )
+from testkit.records import features, step_outputs
 
 # --- task ---------------------------------------------------------------------------------------
 
@@ -58,7 +60,8 @@ def test_unknown_prediction_type_lists_the_valid_ones():
 
 def test_task_loss_is_the_mean_squared_error():
     pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    assert TaskLoss()(pred, torch.zeros(2, 2)) == {"task": torch.tensor(7.5)}  # (1+4+9+16)/4
+    terms = TaskLoss()(step_outputs(student_pred=pred, target=torch.zeros(2, 2)))
+    assert terms == {"task": torch.tensor(7.5)}  # (1+4+9+16)/4
 
 
 # --- output KD ----------------------------------------------------------------------------------
@@ -67,7 +70,7 @@ def test_task_loss_is_the_mean_squared_error():
 def test_output_kd_value_and_no_gradient_reaches_the_teacher():
     student = torch.tensor([1.0, 3.0], requires_grad=True)
     teacher = torch.tensor([0.0, 1.0], requires_grad=True)
-    terms = OutputKDLoss()(student, teacher)
+    terms = OutputKDLoss()(step_outputs(student_pred=student, teacher_pred=teacher))
     assert terms["output_kd"].item() == pytest.approx(2.5)  # (1 + 4) / 2
     terms["output_kd"].backward()
     torch.testing.assert_close(student.grad, torch.tensor([1.0, 2.0]))  # 2·(s − t) / 2
@@ -80,22 +83,24 @@ def test_output_kd_value_and_no_gradient_reaches_the_teacher():
 def test_feature_kd_sums_the_mse_of_every_pair():
     student = {"a": torch.ones(1, 2, 2, 2), "b": torch.zeros(1, 3)}
     teacher = {"x": torch.zeros(1, 2, 2, 2), "y": torch.tensor([[1.0, 2.0, 2.0]])}
-    terms = FeatureKDLoss()(student, teacher, [("a", "x"), ("b", "y")])
+    terms = FeatureKDLoss(layer_pairs=[("a", "x"), ("b", "y")])(features(student, teacher))
     assert terms["feature_kd"].item() == pytest.approx(1.0 + 3.0)  # 1 + (1+4+4)/3
 
 
 def test_feature_kd_shape_mismatch_names_the_pair():
     student = {"down_blocks.0": torch.zeros(1, 4, 2, 2)}
     teacher = {"down_blocks.0": torch.zeros(1, 8, 2, 2)}
+    loss = FeatureKDLoss(layer_pairs=[("down_blocks.0", "down_blocks.0")])
     with pytest.raises(UserInputError, match=r"\('down_blocks.0', 'down_blocks.0'\).*similarity"):
-        FeatureKDLoss()(student, teacher, [("down_blocks.0", "down_blocks.0")])
+        loss(features(student, teacher))
 
 
 def test_feature_losses_reject_missing_features_and_empty_pairs():
+    loss = FeatureKDLoss(layer_pairs=[("mid_block", "mid_block")])
     with pytest.raises(KeyError, match="no teacher feature captured for 'mid_block'"):
-        FeatureKDLoss()({"mid_block": torch.zeros(1)}, {}, [("mid_block", "mid_block")])
+        loss(features({"mid_block": torch.zeros(1)}, {}))
     with pytest.raises(UserInputError, match="at least one"):
-        SimilarityMatchingLoss()({}, {}, [])
+        SimilarityMatchingLoss(layer_pairs=[])
 
 
 # --- similarity ---------------------------------------------------------------------------------
@@ -144,17 +149,18 @@ def test_similarity_loss_is_width_independent():
     student = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1))
     # A teacher twice as wide that repeats the student's channels has G_T = 2·H·Hᵀ / 8 = G_S.
     teacher = torch.cat([student, student], dim=1)
-    loss = SimilarityMatchingLoss()({"s": student}, {"t": teacher}, [("s", "t")])
+    similarity = SimilarityMatchingLoss(layer_pairs=[("s", "t")])
+    loss = similarity(features({"s": student}, {"t": teacher}))
     assert loss["similarity"].item() == pytest.approx(0.0, abs=1e-6)
     other_teacher = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(2))
-    loss = SimilarityMatchingLoss()({"s": student}, {"t": other_teacher}, [("s", "t")])
+    loss = similarity(features({"s": student}, {"t": other_teacher}))
     assert loss["similarity"].item() > 0.01
 
 
 def test_similarity_loss_sums_pairs_by_hand():
     student = {"a": torch.tensor([[[[1.0], [2.0]], [[3.0], [4.0]]]]), "b": torch.ones(1, 1, 2, 1)}
     teacher = {"a": torch.zeros(1, 5, 2, 1), "b": torch.zeros(1, 3, 2, 1)}
-    loss = SimilarityMatchingLoss()(student, teacher, [("a", "a"), ("b", "b")])
+    loss = SimilarityMatchingLoss(layer_pairs=[("a", "a"), ("b", "b")])(features(student, teacher))
     # G_a = [[5, 7], [7, 10]] -> (25+49+49+100)/4; G_b = ones(2, 2) -> 1.
     assert loss["similarity"].item() == pytest.approx(223 / 4 + 1)
 
@@ -173,16 +179,16 @@ def test_similarity_is_fp32_under_bf16_autocast():
 def test_similarity_gradients_reach_the_student_only():
     student = torch.randn(1, 4, 2, 2, requires_grad=True)
     teacher = torch.randn(1, 8, 2, 2, requires_grad=True)
-    SimilarityMatchingLoss()({"s": student}, {"t": teacher}, [("s", "t")])["similarity"].backward()
+    loss = SimilarityMatchingLoss(layer_pairs=[("s", "t")])
+    loss(features({"s": student}, {"t": teacher}))["similarity"].backward()
     assert student.grad.abs().sum() > 0
     assert teacher.grad is None
 
 
 def test_similarity_spatial_mismatch_names_the_pair():
-    with pytest.raises(UserInputError, match=r"\('s', 't'\)"):
-        SimilarityMatchingLoss()(
-            {"s": torch.zeros(1, 4, 2, 2)}, {"t": torch.zeros(1, 4, 4, 4)}, [("s", "t")]
-        )
+    loss = SimilarityMatchingLoss(layer_pairs=[("s", "t")])
+    with pytest.raises(UserInputError, match=r"\('s', 't'\).*same batch and spatial size"):
+        loss(features({"s": torch.zeros(1, 4, 2, 2)}, {"t": torch.zeros(1, 4, 4, 4)}))
 
 
 # --- attention relation -------------------------------------------------------------------------
@@ -195,8 +201,9 @@ def test_attention_relation_kl_by_hand():
     student = torch.zeros(1, 2, 2)
     p = 1 / (1 + math.exp(-1 / math.sqrt(2)))
     expected = p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))
-    loss = AttentionRelationLoss(relation_heads=1)({"s": student}, {"t": teacher}, [("s", "t")])
-    assert loss["attention_relation"].item() == pytest.approx(expected, rel=1e-6)
+    loss = AttentionRelationLoss(layer_pairs=[("s", "t")], relation_heads=1)
+    terms = loss(features({"s": student}, {"t": teacher}))
+    assert terms["attention_relation"].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_attention_relations_are_row_distributions_per_head():
@@ -211,82 +218,92 @@ def test_attention_relation_is_width_independent():
     # with zeros and scaled by 2^(1/4), so Q_r·Q_rᵀ/√4 = S_r·S_rᵀ/√2 and the relations are equal.
     heads = student.reshape(2, 6, 2, 2)
     teacher = torch.cat([heads, torch.zeros_like(heads)], dim=-1).reshape(2, 6, 8) * 2**0.25
-    loss = AttentionRelationLoss(relation_heads=2)({"s": student}, {"t": teacher}, [("s", "t")])
-    assert loss["attention_relation"].item() == pytest.approx(0.0, abs=1e-6)
+    loss = AttentionRelationLoss(layer_pairs=[("s", "t")], relation_heads=2)
+    terms = loss(features({"s": student}, {"t": teacher}))
+    assert terms["attention_relation"].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_attention_relation_gradients_reach_the_student_only():
     student = torch.randn(1, 4, 8, requires_grad=True)
     teacher = torch.randn(1, 4, 16, requires_grad=True)
-    loss = AttentionRelationLoss(relation_heads=4)({"s": student}, {"t": teacher}, [("s", "t")])
-    loss["attention_relation"].backward()
+    loss = AttentionRelationLoss(layer_pairs=[("s", "t")], relation_heads=4)
+    loss(features({"s": student}, {"t": teacher}))["attention_relation"].backward()
     assert student.grad.abs().sum() > 0
     assert teacher.grad is None
 
 
 def test_attention_relation_rejects_bad_widths_and_maps():
-    with pytest.raises(UserInputError, match="not divisible by relation_heads 8"):
-        AttentionRelationLoss()(
-            {"s": torch.zeros(1, 4, 12)}, {"t": torch.zeros(1, 4, 16)}, [("s", "t")]
-        )
+    loss = AttentionRelationLoss(layer_pairs=[("s", "t")])
+    with pytest.raises(UserInputError, match="divisible by relation_heads=8"):
+        loss(features({"s": torch.zeros(1, 4, 12)}, {"t": torch.zeros(1, 4, 16)}))
     with pytest.raises(UserInputError, match=r"\(B, N, C\)"):
-        AttentionRelationLoss()(
-            {"s": torch.zeros(1, 8, 2, 2)}, {"t": torch.zeros(1, 8, 2, 2)}, [("s", "t")]
-        )
+        loss(features({"s": torch.zeros(1, 8, 2, 2)}, {"t": torch.zeros(1, 8, 2, 2)}))
 
 
-# --- combine ------------------------------------------------------------------------------------
+# --- registry and weighted total ------------------------------------------------------------
 
 
 def test_weighted_total_by_hand():
-    terms = {
-        "task": torch.tensor(2.0),
-        "output_kd": torch.tensor(3.0),
-        "feature_kd": torch.tensor(5.0),
-    }
-    total = weighted_total(terms, {"task": 1.0, "output_kd": 0.5, "feature_kd": 0.0})
-    assert total.item() == pytest.approx(3.5)  # an unweighted/zero-weighted term adds nothing
+    terms = {"task": torch.tensor(2.0), "output_kd": torch.tensor(3.0), "extra": torch.tensor(5.0)}
+    losses = [TaskLoss(weight=1.0), OutputKDLoss(weight=0.5)]
+    assert weighted_total(terms, losses).item() == pytest.approx(3.5)  # "extra" adds nothing
 
 
-def test_weighted_total_rejects_a_weight_without_its_term():
+def test_weighted_total_rejects_a_loss_without_its_term():
     with pytest.raises(KeyError, match="similarity"):
-        weighted_total({"task": torch.tensor(1.0)}, {"task": 1.0, "similarity": 0.1})
-    weighted_total({"task": torch.tensor(1.0)}, {"task": 1.0, "similarity": 0.0})  # switched off
+        weighted_total(
+            {"task": torch.tensor(1.0)},
+            [TaskLoss(), SimilarityMatchingLoss(layer_pairs=[("a", "a")])],
+        )
 
 
-def test_build_losses_builds_only_weighted_losses_and_routes_options():
-    losses = build_losses(
-        {"task": 1.0, "output_kd": 0.0, "similarity": 0.5, "attention_relation": 0.1},
-        max_positions=64,
-        relation_heads=4,
+def test_loss_blocks_build_only_weighted_losses_with_their_own_options(tiny_teacher):
+    from students import build_student
+
+    student, _ = build_student(tiny_teacher, "base")
+    blocks = validate_loss_blocks(
+        {
+            "task": {"weight": 1.0},
+            "output_kd": {"weight": 0.0},
+            "similarity": {"weight": 0.5, "max_positions": 64},
+            "attention_relation": {"weight": 0.1, "relation_heads": 4},
+        }
     )
+    losses = build_losses(blocks, student.config, tiny_teacher.config)
     assert [type(loss) for loss in losses] == [
         TaskLoss,
         SimilarityMatchingLoss,
         AttentionRelationLoss,
     ]
+    assert [loss.weight for loss in losses] == [1.0, 0.5, 0.1]
+    # One loss's option stays its own: the attention loss keeps its default pooling.
     assert losses[1].max_positions == 64
-    assert (losses[2].relation_heads, losses[2].max_positions) == (4, 64)
+    assert (losses[2].relation_heads, losses[2].max_positions) == (4, 256)
+    # Default pairs follow each loss: stage outputs for similarity, projections for relations.
+    assert ("mid_block", "mid_block") in losses[1].layer_pairs
+    assert all(
+        s.endswith(".attn1.to_q") or s.endswith(".attn1.to_k") or s.endswith(".attn1.to_v")
+        for s, _ in losses[2].layer_pairs
+    )
     assert set(LOSSES) == {"task", "output_kd", "feature_kd", "similarity", "attention_relation"}
 
 
-def test_build_losses_rejects_bad_names_options_and_weights():
-    with pytest.raises(UserInputError, match="'feature'.*valid losses: task, output_kd"):
-        build_losses({"feature": 1.0})
-    with pytest.raises(UserInputError, match="'max_position'"):
-        build_losses({"similarity": 1.0}, max_position=64)
-    with pytest.raises(UserInputError, match="negative for task"):
-        build_losses({"task": -1.0})
-    with pytest.raises(UserInputError, match="non-zero weight"):
-        build_losses({"task": 0.0})
-    with pytest.raises(UserInputError, match="max_positions"):
-        build_losses({"similarity": 1.0}, max_positions=0)
+@pytest.mark.parametrize(
+    ("blocks", "error", "message"),
+    [
+        ({"feature": {}}, ValueError, "'feature'.*valid losses: task, output_kd"),
+        ({"similarity": {"max_position": 64}}, ValidationError, "max_position"),
+        ({"task": {"weight": -1.0}}, ValidationError, "greater than or equal to 0"),
+        ({"task": {"weight": 0.0}}, ValueError, "every loss weight is zero"),
+        ({"similarity": {"max_positions": 0}}, ValidationError, "greater than 0"),
+        ({"attention_relation": {"relation_heads": "four"}}, ValidationError, "valid integer"),
+    ],
+)
+def test_bad_loss_blocks_are_refused(blocks, error, message):
+    with pytest.raises(error, match=message):
+        validate_loss_blocks(blocks)
 
 
-def test_which_weights_need_a_teacher_and_feature_taps():
-    assert not needs_teacher({"task": 1.0, "output_kd": 0.0})
-    assert needs_teacher({"task": 1.0, "output_kd": 1.0})
-    assert not needs_feature_taps({"task": 1.0, "output_kd": 1.0, "feature_kd": 0.0})
-    assert needs_feature_taps({"task": 1.0, "similarity": 0.5})
-    with pytest.raises(UserInputError, match="unknown loss"):
-        needs_teacher({"kd": 1.0})
+def test_which_blocks_need_a_teacher():
+    assert not reads_teacher(validate_loss_blocks({"task": {}, "output_kd": {"weight": 0.0}}))
+    assert reads_teacher(validate_loss_blocks({"task": {}, "output_kd": {}}))

@@ -28,7 +28,11 @@ VALID = {
             "steps": 10,
             "batch_size": 4,
             "lr": 1e-3,
-            "loss_weights": {"task": 1.0, "output_kd": 1.0, "similarity": 0.5},
+            "losses": {
+                "task": {"weight": 1.0},
+                "output_kd": {"weight": 1.0},
+                "similarity": {"weight": 0.5, "max_positions": 64},
+            },
         },
     ],
 }
@@ -46,7 +50,10 @@ def _invalid(mutate) -> str:
 
 def test_valid_recipe_has_defaults_filled_in() -> None:
     recipe = validate_recipe(copy.deepcopy(VALID))
-    assert recipe.training.ema.enabled and recipe.stages[0].loss_weights == {"task": 1.0}
+    assert recipe.training.ema.enabled
+    assert {name: block.weight for name, block in recipe.stages[0].losses.items()} == {"task": 1.0}
+    similarity = recipe.stages[1].losses["similarity"]
+    assert similarity.layer_pairs is None and similarity.max_positions == 64
     assert recipe.stages[1].gradient_accumulation == 1
 
 
@@ -60,16 +67,52 @@ def test_wrong_type_is_named_with_its_path() -> None:
     assert "stages.1.steps" in message and "integer" in message
 
 
-def test_kd_weights_without_a_teacher_are_refused() -> None:
-    message = _invalid(lambda r: r["stages"][0].update(loss_weights={"output_kd": 1.0}))
-    assert "KD loss weights but no teacher" in message
+def test_losses_that_read_a_teacher_need_one() -> None:
+    message = _invalid(lambda r: r["stages"][0].update(losses={"output_kd": {"weight": 1.0}}))
+    assert "read a teacher, but no teacher" in message
 
 
 def test_unknown_loss_and_unknown_teacher_are_refused() -> None:
     assert "unknown loss 'magic'" in _invalid(
-        lambda r: r["stages"][1]["loss_weights"].update(magic=1.0)
+        lambda r: r["stages"][1]["losses"].update(magic={"weight": 1.0})
     )
     assert "'c' is not in teachers" in _invalid(lambda r: r["stages"][1].update(teacher="c"))
+
+
+@pytest.mark.parametrize(
+    ("block", "key", "complaint"),
+    [
+        ({"weight": 0.5, "max_position": 64}, "similarity.max_position", "Extra inputs"),
+        ({"weight": "half"}, "similarity.weight", "valid number"),
+        ({"layer_pairs": [["down_blocks.0"]]}, "similarity.layer_pairs.0.1", "Field required"),
+    ],
+)
+def test_a_bad_loss_block_is_named_down_to_its_option(block, key, complaint) -> None:
+    message = _invalid(lambda r: r["stages"][1]["losses"].update(similarity=block))
+    assert message.startswith(f"r.yaml: stages.1.losses.{key}: ") and complaint in message
+
+
+def test_one_loss_option_does_not_reach_another_loss() -> None:
+    raw = copy.deepcopy(VALID)
+    raw["stages"][1]["losses"]["attention_relation"] = {"weight": 0.5, "relation_heads": 4}
+    losses = validate_recipe(raw).stages[1].losses
+    assert losses["similarity"].max_positions == 64
+    assert losses["attention_relation"].max_positions == 256  # its own default
+    assert losses["attention_relation"].relation_heads == 4
+
+
+def test_the_old_loss_weights_form_gives_one_line_with_the_new_form() -> None:
+    def old_form(raw: dict) -> None:
+        stage = raw["stages"][1]
+        del stage["losses"]
+        stage["loss_weights"] = {"task": 1.0, "similarity": 0.5}
+        stage["similarity_max_positions"] = 64
+
+    message = _invalid(old_form)
+    assert message.startswith("r.yaml: stages.1: loss_weights, similarity_max_positions were")
+    assert message.endswith(
+        "write {losses: {task: {weight: 1.0}, similarity: {weight: 0.5, max_positions: 64}}}"
+    )
 
 
 def test_missing_teacher_path_is_named() -> None:
@@ -105,7 +148,11 @@ def test_small_sd_v0_recipe_follows_the_model_card() -> None:
     assert [s.teacher for s in recipe.stages] == [None, "sd-v1-4", "sd-v1-5"]
     assert all(s.batch_size * s.gradient_accumulation == 128 for s in recipe.stages)
     assert all(s.lr == 1e-5 and s.warmup_steps == 10_000 for s in recipe.stages)
-    assert recipe.stages[2].loss_weights == {"task": 1.0, "output_kd": 1.0, "similarity": 1.0}
+    assert {name: block.weight for name, block in recipe.stages[2].losses.items()} == {
+        "task": 1.0,
+        "output_kd": 1.0,
+        "similarity": 1.0,
+    }
 
 
 def test_cli_bad_recipe_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys) -> None:

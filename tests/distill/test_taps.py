@@ -12,6 +12,7 @@ from torch import nn
 from distill.errors import UserInputError
 from distill.losses import SimilarityMatchingLoss
 from distill.taps import FeatureTaps, resolve_module, unwrap_model
+from testkit.records import features
 
 
 class ResidualBlock(nn.Module):
@@ -217,7 +218,8 @@ def test_similarity_through_taps_trains_the_student_only(tiny_unet):
         tiny_unet(latents, timesteps, text)
     with FeatureTaps(student, ["down_blocks.0", "up_blocks.1"]) as taps:
         student(latents, timesteps, text)
-    loss = SimilarityMatchingLoss(max_positions=16)(taps.features, teacher.features, pairs)
+    similarity = SimilarityMatchingLoss(layer_pairs=pairs, max_positions=16)
+    loss = similarity(features(taps.features, teacher.features))
     loss["similarity"].backward()
     assert student.conv_in.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in tiny_unet.parameters())

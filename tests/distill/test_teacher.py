@@ -39,7 +39,7 @@ def test_teacher_parameters_never_require_grad(teacher: FrozenTeacher) -> None:
 
 def test_teacher_forward_builds_no_graph(teacher: FrozenTeacher) -> None:
     sample, timesteps, text = _inputs()
-    out = teacher(sample, timesteps, text)
+    out = teacher(sample, timesteps, encoder_hidden_states=text)
     assert not out.requires_grad and out.grad_fn is None
 
 
@@ -47,7 +47,7 @@ def test_teacher_runs_in_the_mixed_precision_dtype() -> None:
     teacher = FrozenTeacher(make_tiny_teacher(), dtype=torch.bfloat16)
     sample, timesteps, text = _inputs()
     assert all(p.dtype == torch.bfloat16 for p in teacher.parameters())
-    assert teacher(sample.detach(), timesteps, text).dtype == torch.bfloat16
+    assert teacher(sample.detach(), timesteps, encoder_hidden_states=text).dtype == torch.bfloat16
 
 
 def test_teacher_that_reads_other_inputs_than_the_student_is_refused() -> None:

@@ -75,7 +75,7 @@ def tiny_recipe(tmp_path: Path, teachers: dict[str, Path], **training) -> dict:
                 "batch_size": 4,
                 "gradient_accumulation": 2,
                 "lr": 1e-3,
-                "loss_weights": {"task": 1.0, "output_kd": 1.0},
+                "losses": {"task": {"weight": 1.0}, "output_kd": {"weight": 1.0}},
             },
             {
                 "name": "layer_matching",
@@ -85,7 +85,35 @@ def tiny_recipe(tmp_path: Path, teachers: dict[str, Path], **training) -> dict:
                 "lr": 1e-3,
                 "lr_schedule": "cosine",
                 "warmup_steps": 1,
-                "loss_weights": {"task": 1.0, "output_kd": 1.0, "similarity": 1.0},
+                "losses": {
+                    "task": {"weight": 1.0},
+                    "output_kd": {"weight": 1.0},
+                    "similarity": {"weight": 1.0},
+                },
             },
         ],
     }
+
+
+def recorded_recipe(tmp_path: Path, teachers: dict[str, Path]) -> dict:
+    """The seeded run whose logged terms `tests/distill/recorded/tiny_run_terms.json` holds:
+    `tiny_recipe`'s three stages, then a BK-SDM-style stage with feature KD, with validation grids.
+    """
+    raw = tiny_recipe(
+        tmp_path, teachers, validation_prompts=["a photo of a bag"], validation_steps=2
+    )
+    raw["stages"].append(
+        {
+            "name": "bk_sdm",
+            "teacher": "a",
+            "steps": 2,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "losses": {
+                "task": {"weight": 1.0},
+                "output_kd": {"weight": 1.0},
+                "feature_kd": {"weight": 0.5},
+            },
+        }
+    )
+    return raw

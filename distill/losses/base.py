@@ -1,0 +1,171 @@
+"""What every distillation loss is: a module that reads one step's record and returns named terms.
+
+The step (`distill.step`) runs both models once and freezes what they produced into a
+`StepOutputs` record; each loss reads the fields it needs and returns raw, unweighted terms. No
+code outside a loss knows what a loss reads, so adding one is a new module and one registry line
+(`distill.losses.registry`), never an edit to the step or the trainer.
+
+A loss is configured by its own block in a recipe stage (`losses: {name: {weight: ..., ...}}`).
+The block's schema is the loss's `Options` model, and its fields are exactly the loss's constructor
+arguments (torchtune's rule: components take plain arguments, never the config object).
+
+Feature losses compare intermediate activations over (student path, teacher path) layer pairs.
+`FeatureLoss` runs the loop over pairs and the shape check; a subclass supplies only the term of
+one pair, the shape rule it needs, and its default pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from distill.errors import UserInputError
+
+LayerPair = tuple[str, str]  # (student module path, teacher module path)
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """What one forward of the student (and teacher) produced on one noisy batch.
+
+    Predictions are fp32 (a bf16 MSE of near-equal tensors loses the signal); features are as the
+    models made them (bf16 under autocast), keyed by module path, teacher ones detached.
+    """
+
+    student_pred: Tensor  # (B, C, h, w)
+    target: Tensor  # (B, C, h, w): ε or v, per the scheduler's prediction type
+    teacher_pred: Tensor | None  # (B, C, h, w), detached; None when the stage has no teacher
+    student_features: Mapping[str, Tensor]
+    teacher_features: Mapping[str, Tensor]
+    timesteps: Tensor  # (B,)
+
+
+class LossOptions(BaseModel):
+    """A loss block in a recipe: `{weight: 1.0}` plus the loss's own options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: Annotated[float, Field(ge=0.0)] = 1.0
+
+
+class FeatureLossOptions(LossOptions):
+    # (student module path, teacher module path); None: the loss's default pairs for the models.
+    layer_pairs: list[LayerPair] | None = None
+
+
+class Loss(nn.Module):
+    """Base of every loss: `forward(outputs) -> {name: term}`, raw and unweighted.
+
+    Subclasses set `name` (the recipe key and the logged term), `Options` (the recipe block's
+    schema) and `reads_teacher` (whether the stage needs a teacher for it).
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[LossOptions]] = LossOptions
+    reads_teacher: ClassVar[bool] = True
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = weight
+
+    @classmethod
+    def from_options(
+        cls,
+        options: LossOptions,
+        student_config: Mapping[str, Any],
+        teacher_config: Mapping[str, Any],
+    ) -> Loss:
+        """The loss a recipe block describes, for these two UNet configs."""
+        return cls(**options.model_dump())
+
+    def tapped_paths(self) -> tuple[list[str], list[str]]:
+        """Module paths whose outputs this loss reads: (student paths, teacher paths)."""
+        return [], []
+
+    def forward(self, outputs: StepOutputs) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight:g}"
+
+
+class FeatureLoss(Loss):
+    """Σ over layer pairs of `pair_term(student feature, teacher feature)`.
+
+    The base owns the loop, the lookup of each captured feature and the shape check (`shape_error`,
+    also run on meta-device shapes before training starts, see `distill.preflight`).
+    """
+
+    Options: ClassVar[type[LossOptions]] = FeatureLossOptions
+
+    def __init__(self, weight: float = 1.0, layer_pairs: Sequence[Sequence[str]] = ()) -> None:
+        super().__init__(weight)
+        self.layer_pairs: list[LayerPair] = [(str(s), str(t)) for s, t in layer_pairs]
+        if not self.layer_pairs:
+            raise UserInputError(f"{self.name} needs at least one (student, teacher) layer pair")
+
+    @classmethod
+    def from_options(
+        cls,
+        options: LossOptions,
+        student_config: Mapping[str, Any],
+        teacher_config: Mapping[str, Any],
+    ) -> Loss:
+        kwargs = options.model_dump()
+        if kwargs["layer_pairs"] is None:
+            kwargs["layer_pairs"] = cls.default_pairs(student_config, teacher_config)
+        return cls(**kwargs)
+
+    @classmethod
+    def default_pairs(
+        cls, student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
+    ) -> list[LayerPair]:
+        raise NotImplementedError
+
+    def tapped_paths(self) -> tuple[list[str], list[str]]:
+        return [s for s, _ in self.layer_pairs], [t for _, t in self.layer_pairs]
+
+    def shape_error(self, student: Shape, teacher: Shape) -> str | None:
+        """Why features of these shapes cannot be paired, or None when they can."""
+        return None
+
+    def pair_term(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """The loss of one pair: student feature (with grad) against the detached teacher's."""
+        raise NotImplementedError
+
+    def check_pair(self, pair: LayerPair, student: Shape, teacher: Shape) -> None:
+        problem = self.shape_error(tuple(student), tuple(teacher))
+        if problem is not None:
+            raise UserInputError(
+                f"{self.name} pair {pair}: {problem} (student {tuple(student)}, teacher "
+                f"{tuple(teacher)})"
+            )
+
+    def forward(self, outputs: StepOutputs) -> dict[str, Tensor]:
+        total = None
+        for pair in self.layer_pairs:
+            student = _captured(outputs.student_features, pair[0], "student", self.name)
+            teacher = _captured(outputs.teacher_features, pair[1], "teacher", self.name).detach()
+            self.check_pair(pair, student.shape, teacher.shape)
+            term = self.pair_term(student, teacher)
+            total = term if total is None else total + term
+        return {self.name: total}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pairs={len(self.layer_pairs)}"
+
+
+def _captured(features: Mapping[str, Tensor], path: str, side: str, loss: str) -> Tensor:
+    """A captured feature; a missing one is a wiring error (the path was not tapped, or its module
+    did not run in this forward)."""
+    if path not in features:
+        raise KeyError(
+            f"{loss}: no {side} feature captured for {path!r} "
+            f"(captured: {', '.join(sorted(features)) or 'none'})"
+        )
+    return features[path]

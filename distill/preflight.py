@@ -1,0 +1,118 @@
+"""Check every stage's losses against the real model shapes before anything trains.
+
+A layer pair that names no module, or whose features cannot be paired (a 16×16 student map against
+an 8×8 teacher map), would otherwise surface at the first step of its stage, hours into a run.
+Here both UNets of every stage are built on the meta device from their configs (no weights, no
+memory, about a second at SD scale), run once on meta inputs with the losses' taps, and each
+feature loss checks the shapes of its pairs. Problems are one line naming the recipe key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from distill.errors import UserInputError
+from distill.losses import FeatureLoss, Loss, build_losses
+from distill.recipe import Recipe
+from distill.taps import FeatureTaps, resolve_module
+from students import load_teacher_unet, student_config
+from students.teachers import unet_from_config
+
+PROBE_TEXT_LENGTH = 77  # CLIP's context; feature shapes do not depend on it
+
+
+def check_recipe_losses(recipe: Recipe) -> None:
+    """Every stage's losses built and shape-checked on meta-device models of the recipe's UNets."""
+    configs: dict[str, dict[str, Any]] = {}
+
+    def config_of(key: str) -> dict[str, Any]:
+        if key not in configs:
+            unet, _ = load_teacher_unet(recipe.teachers[key], weights=False)
+            configs[key] = dict(unet.config)
+        return configs[key]
+
+    student = student_config(config_of(recipe.student.init_from), recipe.student.variant)
+    for index, stage in enumerate(recipe.stages):
+        teacher = config_of(stage.teacher) if stage.teacher is not None else None
+        try:
+            losses = build_losses(stage.losses, student, teacher)
+            if teacher is not None:
+                check_loss_shapes(losses, student, teacher)
+        except UserInputError as error:
+            raise UserInputError(f"stages.{index}.{error}") from None
+
+
+def check_loss_shapes(
+    losses: list[Loss], student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
+) -> None:
+    """Raise UserInputError `losses.<name>.layer_pairs.<i>: ...` for a pair that names no module
+    or whose features cannot be paired; the models are meta-device copies of the configs."""
+    feature_losses = [loss for loss in losses if isinstance(loss, FeatureLoss)]
+    if not feature_losses:
+        return
+    pairs = [pair for loss in feature_losses for pair in loss.layer_pairs]
+    student = _meta_feature_shapes(student_config, [s for s, _ in pairs])
+    teacher = _meta_feature_shapes(teacher_config, [t for _, t in pairs])
+    for loss in feature_losses:
+        for position, (student_path, teacher_path) in enumerate(loss.layer_pairs):
+            where = f"losses.{loss.name}.layer_pairs.{position}"
+            student_shape, teacher_shape = student[student_path], teacher[teacher_path]
+            for side, found in (("student", student_shape), ("teacher", teacher_shape)):
+                if isinstance(found, str):
+                    raise UserInputError(f"{where}: {side} {found}")
+            try:
+                loss.check_pair((student_path, teacher_path), student_shape, teacher_shape)
+            except UserInputError as error:
+                raise UserInputError(f"{where}: {error}") from None
+
+
+def _meta_feature_shapes(config: Mapping[str, Any], paths: list[str]) -> dict[str, Any]:
+    """path → output shape of that module in one meta forward at the config's native size, or a
+    message (str) saying why the path cannot be tapped."""
+    unet = unet_from_config(dict(config), device="meta")
+    shapes: dict[str, Any] = {}
+    tappable = []
+    for path in dict.fromkeys(paths):
+        try:
+            resolve_module(unet, path)
+            tappable.append(path)
+        except UserInputError as error:
+            shapes[path] = str(error)
+    args, kwargs = probe_inputs(unet.config)
+    with torch.no_grad(), FeatureTaps(unet, tappable) as taps:
+        unet(*args, **kwargs)
+    for path in tappable:
+        feature = taps.features.get(path)
+        shapes[path] = (
+            tuple(feature.shape)
+            if feature is not None
+            else f"module {path!r} does not run in the UNet's forward"
+        )
+    return shapes
+
+
+def probe_inputs(config: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(args, kwargs) of one UNet forward on the meta device: batch 1 at the native latent size,
+    with SDXL's added conditioning (pooled text embedding, 6 size/crop ids) when it has one."""
+    size = config["sample_size"]
+    size = size if isinstance(size, int) else size[0]
+    width = config["cross_attention_dim"]
+    width = width if isinstance(width, int) else width[0]
+    meta = {"device": "meta"}
+    args = (
+        torch.empty(1, config["in_channels"], size, size, **meta),  # (B, C, h, w)
+        torch.zeros(1, dtype=torch.long, **meta),  # (B,)
+        torch.empty(1, PROBE_TEXT_LENGTH, width, **meta),  # (B, L, D)
+    )
+    kwargs: dict[str, Any] = {}
+    if config.get("addition_embed_type") == "text_time":
+        time_ids = 6 * config["addition_time_embed_dim"]
+        pooled = config["projection_class_embeddings_input_dim"] - time_ids
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.empty(1, pooled, **meta),
+            "time_ids": torch.empty(1, 6, **meta),
+        }
+    return args, kwargs

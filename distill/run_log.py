@@ -1,0 +1,47 @@
+"""A run's log: every loss term, the total, the learning rate and the gradient norm, per step.
+
+Written to `RUN/logs/metrics.jsonl` (one JSON object a line, main process only) and to the
+accelerate trackers (tensorboard). The logger records what the step computed; it never recomputes
+a total from the terms.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+
+class RunLog:
+    def __init__(self, accelerator: Accelerator, path: Path, stage_steps: Sequence[int]) -> None:
+        """`stage_steps`: each stage's step count, so tracker steps count across stages."""
+        self.accelerator = accelerator
+        self.path = path
+        self._stage_offsets = [sum(stage_steps[:i]) for i in range(len(stage_steps))]
+
+    def step(
+        self,
+        *,
+        stage: str,
+        stage_index: int,
+        step: int,
+        terms: Mapping[str, float],
+        total: float | None,
+        **scalars: float | int,
+    ) -> dict[str, Any]:
+        """Log one optimizer step: raw `terms`, their weighted `total` and other scalars
+        (lr, grad_norm, it_per_s, counters). Returns the record written."""
+        record: dict[str, Any] = {"stage": stage, "stage_index": stage_index, "step": step}
+        record |= scalars
+        record |= {f"loss/{name}": value for name, value in terms.items()}
+        if total is not None:
+            record["loss/total"] = total
+        numbers = {f"{stage}/{k}": v for k, v in record.items() if isinstance(v, float | int)}
+        self.accelerator.log(numbers, step=self._stage_offsets[stage_index] + step)
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        return record
