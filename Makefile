@@ -47,7 +47,7 @@ demo: setup
 	@echo "pipeline: $(RUNS)/fashion_small_sd/export  (StableDiffusionPipeline.from_pretrained)"
 
 test: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest
 
 bench: setup
 	$(PY) benchmarks/sd_step.py

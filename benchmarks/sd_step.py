@@ -39,7 +39,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from distill.losses import Loss, build_losses, validate_loss_blocks
-from distill.offline.tiny_models import training_noise_scheduler
+from distill.offline.tiny_models import sd_v1_4_toy_config, training_noise_scheduler
 from distill.step import NoisyBatch, distillation_losses, noise_batch
 from distill.teacher import FrozenTeacher
 from students import build_student, count_params, forward_gflops
@@ -58,15 +58,6 @@ LEARNING_RATE = 1e-5  # the reference recipe's; it does not change the cost
 VAE_SCALE = 8  # SD's VAE: 512 px images → 64×64 latents
 TEXT_LENGTH = 77  # CLIP's context length
 
-# SD v1.4's block layout (4 stages, cross-attention in the first three) at toy widths, for
-# `--tiny`: the same code path in seconds, so the benchmark is smoke-tested and cannot rot.
-TINY_OVERRIDES = {
-    "block_out_channels": [32, 32, 64, 64],
-    "attention_head_dim": 2,
-    "norm_num_groups": 8,
-    "cross_attention_dim": 32,
-    "sample_size": 8,
-}
 TINY_RESOLUTION = 64  # 8×8 latents: 8 → 4 → 2 → 1 through the four stages
 
 GIB = 1024**3
@@ -148,8 +139,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def teacher_config(tiny: bool) -> dict[str, Any]:
-    config = builtin_config(TEACHER)
-    return {**config, **TINY_OVERRIDES} if tiny else config
+    """SD v1.4's UNet config; with `tiny`, the same layout at toy widths (a seconds-long smoke run,
+    so the benchmark is smoke-tested and cannot rot)."""
+    return sd_v1_4_toy_config() if tiny else builtin_config(TEACHER)
 
 
 def build_models(

@@ -175,14 +175,8 @@ def open_cache(
     progress: bool,
 ) -> LatentCache:
     """The latent cache of `data` under the stage teacher's VAE and text encoder (built once)."""
-    dataset = load_image_text_dataset(
-        data.source,
-        image_column=data.image_column,
-        text_column=data.text_column,
-        split=data.split,
-        streaming=data.streaming,
-        max_samples=data.max_samples,
-    )
+    rows = {"image_column", "text_column", "split", "streaming", "max_samples"}
+    dataset = load_image_text_dataset(data.source, **data.model_dump(include=rows))
     fingerprint = None
     if data.streaming:
         fingerprint = streaming_fingerprint(

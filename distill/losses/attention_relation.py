@@ -20,15 +20,21 @@ Relations cost R·N² per sample, so tokens are first pooled to N ≤ max_positi
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from distill.errors import UserInputError
-from distill.losses.base import FeatureLoss, FeatureLossOptions, LayerPair, LossOptions, Shape
+from distill.losses.base import (
+    Config,
+    FeatureLoss,
+    FeatureLossOptions,
+    LayerPair,
+    LossOptions,
+    Shape,
+)
 from distill.losses.similarity import pooled_positions, pooled_tokens
 from students import self_attention_pairs
 
@@ -84,14 +90,10 @@ class AttentionRelationLoss(FeatureLoss):
         self.max_positions = max_positions
 
     @classmethod
-    def default_pairs(
-        cls, student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
-    ) -> list[LayerPair]:
-        return [
-            pair
-            for projection in PROJECTIONS
-            for pair in self_attention_pairs(student_config, teacher_config, projection)
-        ]
+    def default_pairs(cls, student: Config, teacher: Config) -> list[LayerPair]:
+        """Q, K and V of every self-attention the student kept, each with its init source."""
+        pairs = [self_attention_pairs(student, teacher, p) for p in PROJECTIONS]
+        return [pair for projection_pairs in pairs for pair in projection_pairs]
 
     def shape_error(self, student: Shape, teacher: Shape) -> str | None:
         if len(student) != 3 or len(teacher) != 3:

@@ -24,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from distill.errors import UserInputError
+from students import block_pairs
 
 LayerPair = tuple[str, str]  # (student module path, teacher module path)
+Config = Mapping[str, Any]  # a UNet2DConditionModel config
 Shape = tuple[int, ...]
 
 
@@ -74,14 +76,14 @@ class Loss(nn.Module):
         self.weight = weight
 
     @classmethod
-    def from_options(
-        cls,
-        options: LossOptions,
-        student_config: Mapping[str, Any],
-        teacher_config: Mapping[str, Any],
-    ) -> Loss:
-        """The loss a recipe block describes, for these two UNet configs."""
-        return cls(**options.model_dump())
+    def from_options(cls, options: LossOptions, student: Config, teacher: Config) -> Loss:
+        """The loss a recipe block describes, for these student and teacher UNet configs."""
+        return cls(**cls.fill_defaults(options.model_dump(), student, teacher))
+
+    @classmethod
+    def fill_defaults(cls, kwargs: dict[str, Any], student: Config, teacher: Config) -> dict:
+        """Constructor arguments whose defaults depend on the models (layer pairs, say)."""
+        return kwargs
 
     def tapped_paths(self) -> tuple[list[str], list[str]]:
         """Module paths whose outputs this loss reads: (student paths, teacher paths)."""
@@ -110,22 +112,16 @@ class FeatureLoss(Loss):
             raise UserInputError(f"{self.name} needs at least one (student, teacher) layer pair")
 
     @classmethod
-    def from_options(
-        cls,
-        options: LossOptions,
-        student_config: Mapping[str, Any],
-        teacher_config: Mapping[str, Any],
-    ) -> Loss:
-        kwargs = options.model_dump()
-        if kwargs["layer_pairs"] is None:
-            kwargs["layer_pairs"] = cls.default_pairs(student_config, teacher_config)
-        return cls(**kwargs)
+    def fill_defaults(cls, kwargs: dict[str, Any], student: Config, teacher: Config) -> dict:
+        if kwargs.get("layer_pairs") is None:
+            kwargs["layer_pairs"] = cls.default_pairs(student, teacher)
+        return kwargs
 
     @classmethod
-    def default_pairs(
-        cls, student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
-    ) -> list[LayerPair]:
-        raise NotImplementedError
+    def default_pairs(cls, student: Config, teacher: Config) -> list[LayerPair]:
+        """The pairs used when a block gives none: every stage's output (`students.block_pairs`),
+        which have the same resolution, and for the block-removal variants the same width."""
+        return block_pairs(student, teacher)
 
     def tapped_paths(self) -> tuple[list[str], list[str]]:
         return [s for s, _ in self.layer_pairs], [t for _, t in self.layer_pairs]

@@ -7,26 +7,18 @@ use the similarity loss instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses.base import FeatureLoss, LayerPair, Shape
-from students import block_pairs
+from distill.losses.base import FeatureLoss, Shape
 
 
 class FeatureKDLoss(FeatureLoss):
     """Σ over layer pairs of MSE(student feature, teacher feature), reduced in fp32."""
 
     name: ClassVar[str] = "feature_kd"
-
-    @classmethod
-    def default_pairs(
-        cls, student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
-    ) -> list[LayerPair]:
-        return block_pairs(student_config, teacher_config)  # every stage's output
 
     def shape_error(self, student: Shape, teacher: Shape) -> str | None:
         if student != teacher:

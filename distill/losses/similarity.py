@@ -11,16 +11,14 @@ adaptive-average-pooled so that N ≤ max_positions (default 256, i.e. 16×16).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from distill.losses.base import FeatureLoss, FeatureLossOptions, LayerPair, LossOptions, Shape
-from students import block_pairs
+from distill.losses.base import FeatureLoss, FeatureLossOptions, LossOptions, Shape
 
 
 def pooled_grid_size(height: int, width: int, max_positions: int) -> tuple[int, int]:
@@ -109,12 +107,6 @@ class SimilarityMatchingLoss(FeatureLoss):
     def __init__(self, weight: float = 1.0, layer_pairs=(), max_positions: int = 256) -> None:
         super().__init__(weight, layer_pairs)
         self.max_positions = max_positions
-
-    @classmethod
-    def default_pairs(
-        cls, student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
-    ) -> list[LayerPair]:
-        return block_pairs(student_config, teacher_config)  # every stage's output
 
     def shape_error(self, student: Shape, teacher: Shape) -> str | None:
         student_grid = pooled_positions(student, self.max_positions)

@@ -30,6 +30,24 @@ SD_SCHEDULE = dict(
 )
 
 
+# SD v1.4's own UNet config (4 stages, cross-attention in the first three, two layers per block)
+# at toy widths: the module paths, layer pairs and init map of the real model, built in
+# milliseconds. Used by the step benchmark's smoke run and the tests.
+SD_V1_4_TOY_WIDTHS = {
+    "block_out_channels": [32, 32, 64, 64],
+    "attention_head_dim": 2,
+    "norm_num_groups": 8,
+    "cross_attention_dim": 32,
+    "sample_size": 8,  # 8 → 4 → 2 → 1 through the four stages
+}
+
+
+def sd_v1_4_toy_config() -> dict:
+    from students.teachers import builtin_config
+
+    return {**builtin_config("sd-v1-4"), **SD_V1_4_TOY_WIDTHS}
+
+
 def tiny_vae(
     block_out_channels: tuple[int, ...] = (32, 64, 64),
     layers_per_block: int = 1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from distill.checkpoint import TrainingState, list_checkpoints
+from distill.losses import LOSSES, Loss, LossOptions, StepOutputs
 from distill.recipe import validate_recipe
 from distill.trainer import DistillationTrainer, TrainingStopped
 from testkit.tiny_world import make_tiny_pipeline, recorded_recipe, tiny_recipe
@@ -151,3 +153,72 @@ def test_nonfinite_loss_skips_steps_then_stops_keeping_the_checkpoint(
     assert (latest.state.stage_index, latest.state.step) == (1, 3)  # stage 2's end, intact
     student = latest.load_student()
     assert all(torch.isfinite(t).all() for t in student.values())
+
+
+def _one_stage(tmp_path: Path, teachers: dict, losses: dict, steps: int = 2) -> dict:
+    raw = tiny_recipe(tmp_path, teachers)
+    raw["stages"] = [
+        {"name": "only", "teacher": "b", "steps": steps, "batch_size": 4, "lr": 1e-3}
+        | {"losses": losses}
+    ]
+    return raw
+
+
+class LowNoiseTaskLoss(Loss):
+    """A loss written outside the package: the task MSE on the samples with t < max_timestep."""
+
+    name: ClassVar[str] = "low_noise_task"
+    reads_teacher: ClassVar[bool] = False
+
+    class Options(LossOptions):
+        max_timestep: int = 500
+
+    def __init__(self, weight: float = 1.0, max_timestep: int = 500) -> None:
+        super().__init__(weight)
+        self.max_timestep = max_timestep
+
+    def forward(self, outputs: StepOutputs) -> dict[str, torch.Tensor]:
+        keep = (outputs.timesteps < self.max_timestep).float().reshape(-1, 1, 1, 1)
+        squared = (outputs.student_pred - outputs.target).pow(2) * keep
+        return {self.name: squared.sum() / (keep.sum() * squared[0].numel()).clamp(min=1)}
+
+
+def test_a_loss_defined_outside_the_package_trains_once_registered(
+    teachers, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setitem(LOSSES, LowNoiseTaskLoss.name, LowNoiseTaskLoss)
+    raw = _one_stage(tmp_path, teachers, {"low_noise_task": {"max_timestep": 999}}, steps=1)
+    trainer = _train(raw)
+    (record,) = _records(trainer.run_dir)
+    assert (
+        record["loss/low_noise_task"] > 0 and record["loss/total"] == record["loss/low_noise_task"]
+    )
+    start = _stage_weights(trainer.run_dir, "01-only")  # EMA of one step, decay 0.9
+    initial = load_file(
+        Path(raw["teachers"]["a"]) / "unet" / "diffusion_pytorch_model.safetensors"
+    )  # the student was initialized from teacher a
+    assert not torch.equal(start["conv_in.weight"], initial["conv_in.weight"])
+
+
+def test_feature_kd_on_blocks_and_attention_relation_on_projections_train_together(
+    teachers, tmp_path: Path
+) -> None:
+    raw = _one_stage(
+        tmp_path,
+        teachers,
+        {
+            "task": {"weight": 1.0},
+            "feature_kd": {"weight": 1.0},  # default pairs: every stage's output
+            "attention_relation": {"weight": 0.5, "relation_heads": 4},  # default: projections
+        },
+    )
+    records = _records(_train(raw).run_dir)
+    assert len(records) == 2
+    for record in records:
+        assert record["loss/feature_kd"] > 0 and record["loss/attention_relation"] > 0
+        expected = (
+            record["loss/task"]
+            + record["loss/feature_kd"]
+            + 0.5 * record["loss/attention_relation"]
+        )
+        assert record["loss/total"] == pytest.approx(expected, rel=1e-6)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
+from distill.offline.tiny_models import sd_v1_4_toy_config
+
 # SD v1.x's layout in miniature: cross-attention in every stage but the deepest, two layers per
 # block, so the student builder's pruning applies exactly as it does to SD v1.4.
 TINY_SD_UNET_CONFIG = {
@@ -24,3 +26,9 @@ TINY_SD_UNET_CONFIG = {
 def make_tiny_teacher(seed: int = 0, **overrides) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(**{**TINY_SD_UNET_CONFIG, **overrides}).eval()
+
+
+def make_tiny_sd_v1_4(seed: int = 0) -> UNet2DConditionModel:
+    """SD v1.4's UNet config at toy widths (`distill.offline.tiny_models`), seeded."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel.from_config(sd_v1_4_toy_config())
