@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -12,6 +15,16 @@ from testkit.unets import make_tiny_teacher
 # the other core OpenMP's spin-waiting makes two-thread kernels ~100x slower (measured: 12 s vs
 # 0.08 s for one tiny-UNet training step on this 2-core machine).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A session cache, also exported as $SD_DISTILL_CACHE, so no test writes to ~/.cache
+    (latent caches, fingerprint index, converted weights, reference statistics)."""
+    folder = tmp_path_factory.mktemp("sd-distill-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SD_DISTILL_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture

@@ -25,15 +25,6 @@ from eval.clip_score import ClipBackend, transformers_backend
 TINY_SIZE = 32  # pixels; latents 8x8 with the 4x VAE below
 
 
-@pytest.fixture(scope="session", autouse=True)
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A session cache, also exported as $SD_DISTILL_CACHE so nothing writes to ~/.cache."""
-    folder = tmp_path_factory.mktemp("sd-distill-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SD_DISTILL_CACHE", str(folder))
-        yield folder
-
-
 @pytest.fixture
 def empty_torch_hub(tmp_path: Path) -> Iterator[None]:
     """An empty torch hub dir: torch-fidelity's weights are certainly not cached there."""
