@@ -144,7 +144,8 @@ class DistillationTrainer:
             its, last_time = 1.0 / max(now - last_time, 1e-9), now
             bar.update(1)
             bar.set_postfix(
-                {k: f"{v:.4g}" for k, v in ctx.last_terms.items()} | {"it/s": f"{its:.2f}"}
+                {k: f"{v:.4g}" for k, v in ctx.last_terms.items() if "/" not in k}
+                | {"it/s": f"{its:.2f}"}
             )
             if done % training.log_every == 0 or done == spec.steps:
                 self.log.step(

@@ -53,11 +53,22 @@ def block_pairs(
     """(student module path, teacher module path) for every stage output, in forward order.
 
     These are the natural layer pairs for feature distillation: each has the same resolution and,
-    for the block-removal variants, the same width on both sides.
+    for the block-removal variants, the same width on both sides. One exception is derived from
+    the configs: when the student's deepest kept down block is its last one (variant `tiny`), it
+    has no downsampler while the teacher's block of that index has one, so their block outputs
+    differ in resolution (16×16 vs 8×8 in SD v1.4 at 512 px). That stage is then paired before
+    the downsampler, at its last layer, as BK-SDM-Tiny does: the student's last attention
+    `proj_out` with the teacher's (or the last resnets, in a block without attention).
     """
     offset = _up_block_offset(student_config, teacher_config)
     n_student = len(student_config["down_block_types"])
-    pairs = [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(n_student)]
+    n_teacher = len(teacher_config["down_block_types"])
+    pairs = []
+    for block in range(n_student):
+        if block == n_student - 1 < n_teacher - 1:  # student: final block; teacher: downsamples
+            pairs.append(_last_layer_pair(block, student_config, teacher_config))
+        else:
+            pairs.append((f"down_blocks.{block}", f"down_blocks.{block}"))
     if (
         student_config.get("mid_block_type", "") is not None
         and teacher_config.get("mid_block_type", "") is not None
@@ -65,6 +76,22 @@ def block_pairs(
         pairs.append(("mid_block", "mid_block"))
     pairs += [(f"up_blocks.{i}", f"up_blocks.{i + offset}") for i in range(n_student)]
     return pairs
+
+
+def _last_layer_pair(
+    block: int, student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
+) -> tuple[str, str]:
+    """The last layer of down block `block` in both models, before any downsampler."""
+    has_attention = "CrossAttn" in student_config["down_block_types"][block]
+    kind, suffix = ("attentions", ".proj_out") if has_attention else ("resnets", "")
+    last = [
+        _layers_in_block(config, "down_blocks", block) - 1
+        for config in (student_config, teacher_config)
+    ]
+    return (
+        f"down_blocks.{block}.{kind}.{last[0]}{suffix}",
+        f"down_blocks.{block}.{kind}.{last[1]}{suffix}",
+    )
 
 
 def teacher_key_for(

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -143,17 +144,39 @@ class FeatureLoss(Loss):
             )
 
     def forward(self, outputs: StepOutputs) -> dict[str, Tensor]:
-        total = None
+        """{name: Σ over pairs, "name/<pair>": each pair's term} (only `name` is weighted; the
+        per-pair terms are logged so one dominating layer is seen, BK-SDM issue #21)."""
+        terms: dict[str, Tensor] = {}
         for pair in self.layer_pairs:
             student = _captured(outputs.student_features, pair[0], "student", self.name)
             teacher = _captured(outputs.teacher_features, pair[1], "teacher", self.name).detach()
             self.check_pair(pair, student.shape, teacher.shape)
-            term = self.pair_term(student, teacher)
-            total = term if total is None else total + term
-        return {self.name: total}
+            terms[f"{self.name}/{pair_label(pair)}"] = self.pair_term(student, teacher)
+        return {self.name: sum(terms.values())} | terms
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, pairs={len(self.layer_pairs)}"
+
+
+def pair_label(pair: LayerPair) -> str:
+    """How a pair's term is logged: the path, or `student~teacher` when the two differ."""
+    return pair[0] if pair[0] == pair[1] else f"{pair[0]}~{pair[1]}"
+
+
+class MSEPairOptions(FeatureLossOptions):
+    # "none": each pair's plain MSE (mean over elements). "teacher": divided by the mean square of
+    # the teacher's side, ‖s − t‖² / ‖t‖², so every pair counts on the same scale (LAPTOP-Diff,
+    # Zhang et al. 2024, arXiv 2404.11098: feature terms normalized by the teacher's L2 norm).
+    normalize: Literal["none", "teacher"] = "none"
+
+
+def pair_mse(student: Tensor, teacher: Tensor, normalize: str) -> Tensor:
+    """MSE of one pair in fp32, optionally relative to the teacher's mean square."""
+    student, teacher = student.float(), teacher.float()
+    term = F.mse_loss(student, teacher)
+    if normalize == "teacher":
+        term = term / teacher.pow(2).mean().clamp_min(1e-12)
+    return term
 
 
 def _captured(features: Mapping[str, Tensor], path: str, side: str, loss: str) -> Tensor:

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses.base import FeatureLoss, Shape
+from distill.losses.base import FeatureLoss, LossOptions, MSEPairOptions, Shape, pair_mse
 
 
 class FeatureKDLoss(FeatureLoss):
     """Σ over layer pairs of MSE(student feature, teacher feature), reduced in fp32."""
 
     name: ClassVar[str] = "feature_kd"
+    Options: ClassVar[type[LossOptions]] = MSEPairOptions
+
+    def __init__(self, weight: float = 1.0, layer_pairs=(), normalize: str = "none") -> None:
+        super().__init__(weight, layer_pairs)
+        self.normalize = normalize
 
     def shape_error(self, student: Shape, teacher: Shape) -> str | None:
         if student != teacher:
@@ -26,4 +30,4 @@ class FeatureKDLoss(FeatureLoss):
         return None
 
     def pair_term(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return F.mse_loss(student.float(), teacher.float())
+        return pair_mse(student, teacher, self.normalize)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from distill.losses.base import FeatureLoss, FeatureLossOptions, LossOptions, Shape
+from distill.losses.base import FeatureLoss, LossOptions, MSEPairOptions, Shape, pair_mse
 
 
 def pooled_grid_size(height: int, width: int, max_positions: int) -> tuple[int, int]:
@@ -94,7 +94,7 @@ def similarity_matrix(features: Tensor, max_positions: int) -> Tensor:
         return torch.bmm(tokens, tokens.transpose(1, 2)) / tokens.shape[-1]  # (B, N, N)
 
 
-class SimilarityOptions(FeatureLossOptions):
+class SimilarityOptions(MSEPairOptions):
     max_positions: Annotated[int, Field(gt=0)] = 256  # N cap before G = H·Hᵀ / C (16×16)
 
 
@@ -104,9 +104,16 @@ class SimilarityMatchingLoss(FeatureLoss):
     name: ClassVar[str] = "similarity"
     Options: ClassVar[type[LossOptions]] = SimilarityOptions
 
-    def __init__(self, weight: float = 1.0, layer_pairs=(), max_positions: int = 256) -> None:
+    def __init__(
+        self,
+        weight: float = 1.0,
+        layer_pairs=(),
+        max_positions: int = 256,
+        normalize: str = "none",
+    ) -> None:
         super().__init__(weight, layer_pairs)
         self.max_positions = max_positions
+        self.normalize = normalize
 
     def shape_error(self, student: Shape, teacher: Shape) -> str | None:
         student_grid = pooled_positions(student, self.max_positions)
@@ -120,7 +127,7 @@ class SimilarityMatchingLoss(FeatureLoss):
     def pair_term(self, student: Tensor, teacher: Tensor) -> Tensor:
         student_gram = similarity_matrix(student, self.max_positions)
         teacher_gram = similarity_matrix(teacher, self.max_positions)
-        return F.mse_loss(student_gram, teacher_gram)
+        return pair_mse(student_gram, teacher_gram, self.normalize)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, max_positions={self.max_positions}"

@@ -91,7 +91,7 @@ def test_noising_follows_the_scheduler_forward_process() -> None:
     assert deviation.abs().max() < 6
 
 
-@pytest.mark.parametrize("variant", ["base", "small"])
+@pytest.mark.parametrize("variant", ["base", "small", "tiny"])
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_runs_through_the_taps_and_trains_only_the_student(name, variant) -> None:
     teacher_unet = make_tiny_sd_v1_4(seed=0)
@@ -102,8 +102,12 @@ def test_every_loss_runs_through_the_taps_and_trains_only_the_student(name, vari
     batch = _noised(_cached(2), [0, 1])
 
     total, terms = distillation_losses(student, teacher, batch, losses)
-    assert set(terms) == {name}
+    assert {key.split("/")[0] for key in terms} == {name}
     assert torch.isfinite(total) and total.item() > 0
+    pair_terms = [term for key, term in terms.items() if "/" in key]
+    if losses[0].tapped_paths()[0]:  # a feature loss logs each pair, and they add up to its term
+        assert len(pair_terms) == len(losses[0].layer_pairs)
+        torch.testing.assert_close(sum(pair_terms), terms[name])
     total.backward()
     assert student.conv_in.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())

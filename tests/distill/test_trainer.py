@@ -70,16 +70,26 @@ def test_every_stage_logs_each_of_its_loss_terms_and_their_weighted_total(finish
     weights = {"task": 1.0, "output_kd": 1.0, "similarity": 1.0, "feature_kd": 0.5}
     terms_by_stage: dict[str, set[str]] = {}
     for record in _records(finished_run):
-        terms = {k.removeprefix("loss/"): v for k, v in record.items() if k.startswith("loss/")}
+        logged = {k.removeprefix("loss/"): v for k, v in record.items() if k.startswith("loss/")}
+        terms = {k: v for k, v in logged.items() if "/" not in k}
         terms_by_stage.setdefault(record["stage"], set()).update(terms)
         total = terms.pop("total")
         assert total == pytest.approx(sum(weights[k] * v for k, v in terms.items()), rel=1e-6)
+        for name in ("similarity", "feature_kd"):  # each layer pair is logged, summing to its loss
+            pairs = [v for k, v in logged.items() if k.startswith(f"{name}/")]
+            assert bool(pairs) == (name in terms)
+            if pairs:
+                assert sum(pairs) == pytest.approx(terms[name], rel=1e-5)
     assert terms_by_stage == {
         "denoise": {"task", "total"},
         "soft_labels": {"task", "output_kd", "total"},
         "layer_matching": {"task", "output_kd", "similarity", "total"},
         "bk_sdm": {"task", "output_kd", "feature_kd", "total"},
     }
+    records = _records(finished_run)
+    assert (
+        "loss/similarity/mid_block" in records[6] and "loss/feature_kd/up_blocks.2" in records[-1]
+    )
     assert any((finished_run / "logs").rglob("events.out.tfevents.*"))  # tensorboard too
 
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from students import build_student, builtin_teachers, count_params, forward_gflops
-from students.teachers import load_teacher_unet
+from students.teachers import builtin_config, load_teacher_unet
 from testkit.unets import make_tiny_teacher
 
 SD_V1_4_PARAMS = {
@@ -124,9 +124,31 @@ def test_tiny_variant_maps_up_blocks_past_the_dropped_stage(
     )
     assert report.block_pairs == [
         ("down_blocks.0", "down_blocks.0"),
-        ("down_blocks.1", "down_blocks.1"),
+        # The student's last block has no downsampler, the teacher's does: paired before it.
+        ("down_blocks.1.attentions.0.proj_out", "down_blocks.1.attentions.1.proj_out"),
         ("up_blocks.0", "up_blocks.1"),
         ("up_blocks.1", "up_blocks.2"),
+    ]
+
+
+def test_sd_v1_4_tiny_pairs_are_bk_sdm_tinys_feature_kd_layers() -> None:
+    # BK-SDM's kd_train_text_to_image.py, bk_tiny: mapping_layers_stu / mapping_layers_tea.
+    _, report = build_student(builtin_config("sd-v1-4"), "tiny")
+    assert [student for student, _ in report.block_pairs] == [
+        "down_blocks.0",
+        "down_blocks.1",
+        "down_blocks.2.attentions.0.proj_out",
+        "up_blocks.0",
+        "up_blocks.1",
+        "up_blocks.2",
+    ]
+    assert [teacher for _, teacher in report.block_pairs] == [
+        "down_blocks.0",
+        "down_blocks.1",
+        "down_blocks.2.attentions.1.proj_out",
+        "up_blocks.1",
+        "up_blocks.2",
+        "up_blocks.3",
     ]
 
 
