@@ -159,29 +159,42 @@ def save_training_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     ema: EMAModel | None,
+    scaler: torch.amp.GradScaler | None = None,
     keep_last: int | None = None,
 ) -> Path:
     """`save_checkpoint` for the objects one stage trains with (`student` unwrapped).
 
     The EMA's shadow weights go to ema.safetensors as tensors "0", "1", ... in parameter order;
-    its counters (step, decay settings) go to optimizer.pt beside the optimizer's state.
+    its counters (step, decay settings) and the fp16 GradScaler's state (scale, growth tracker)
+    go to optimizer.pt beside the optimizer's state. Weights that are not all finite are never
+    written (NonFiniteWeights): the last checkpoint on disk stays the last good one.
     """
+    student_tensors = student.state_dict()
     ema_tensors, ema_state = None, None
     if ema is not None:
         ema_state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
         ema_tensors = {f"{i}": p for i, p in enumerate(ema.shadow_params)}
+    for name, tensors in (("student", student_tensors), ("EMA", ema_tensors or {})):
+        bad = next((key for key, t in tensors.items() if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise NonFiniteWeights(f"{name} tensor {bad} is not finite; checkpoint not written")
     return save_checkpoint(
         root,
         state,
-        student=student.state_dict(),
+        student=student_tensors,
         ema=ema_tensors,
         optimizer={
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "ema": ema_state,
+            "scaler": scaler.state_dict() if scaler is not None else None,
         },
         keep_last=keep_last,
     )
+
+
+class NonFiniteWeights(RuntimeError):
+    """Weights with NaN/Inf were about to be checkpointed."""
 
 
 def restore_training_checkpoint(
@@ -191,12 +204,15 @@ def restore_training_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     ema: EMAModel | None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Load what `save_training_checkpoint` wrote into the (unprepared) training objects."""
     student.load_state_dict(checkpoint.load_student())
     state = checkpoint.load_optimizer()
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     if ema is None:
         return
     shadow = checkpoint.load_ema()

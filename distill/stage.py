@@ -126,7 +126,12 @@ class StageBuilder:
         start_step, nonfinite = 0, 0
         if checkpoint is not None:
             restore_training_checkpoint(
-                checkpoint, student=student, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema
+                checkpoint,
+                student=student,
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                ema=ema,
+                scaler=accelerator.scaler,
             )
             start_step, nonfinite = checkpoint.state.step, checkpoint.state.nonfinite_skipped
         student, optimizer = accelerator.prepare(student, optimizer)

@@ -16,7 +16,6 @@ Only the main process writes (caches, checkpoints, students, grids, logs).
 from __future__ import annotations
 
 import time
-import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from distill.checkpoint import (
     Checkpoint,
+    NonFiniteWeights,
     TrainingState,
     checkpoint_to_resume,
     resume_point,
@@ -40,6 +40,7 @@ from distill.stage import StageBuilder, StageContext, final_student, save_stage_
 from distill.step import distillation_losses, noise_batch
 from distill.step_randomness import sample_generator
 from distill.taps import unwrap_model
+from distill.update import guarded_update, scaler_is_calibrating
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -173,7 +174,7 @@ class DistillationTrainer:
     def _optimizer_step(self, ctx: StageContext, step: int) -> None:
         """One optimizer step over `gradient_accumulation` micro-batches. Sets the context's last
         terms and total (means over micro-batches and processes), or skips the step when the
-        loss was not finite on some process."""
+        loss (on some process) or the gradient was not finite."""
         accelerator, accumulation = self.accelerator, ctx.spec.gradient_accumulation
         ctx.student.train()
         sums: dict[str, torch.Tensor] = {}
@@ -193,14 +194,13 @@ class DistillationTrainer:
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.float() / accumulation
             total_sum = total_sum + total.detach().float() / accumulation
+        applied, ctx.grad_norm = guarded_update(
+            accelerator, ctx.student, ctx.optimizer, self.recipe.training.max_grad_norm
+        )
+        if not applied:
+            return self._skip_step(ctx, step, counts=not scaler_is_calibrating(accelerator))
         ctx.consecutive_nonfinite = 0
-        # Clips when max_grad_norm is set; with inf it only measures. The norm (before clipping,
-        # of the process-averaged gradient) is logged with the loss terms.
-        max_norm = self.recipe.training.max_grad_norm or float("inf")
-        ctx.grad_norm = float(accelerator.clip_grad_norm_(ctx.student.parameters(), max_norm))
-        ctx.optimizer.step()
-        ctx.lr_scheduler.step()
-        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.lr_scheduler.step()  # the schedule and the EMA advance on applied steps only
         if ctx.ema is not None:
             ctx.ema.step(unwrap_model(ctx.student).parameters())
         # Logged values are means over processes, i.e. over the whole global batch.
@@ -209,22 +209,19 @@ class DistillationTrainer:
         means = accelerator.reduce(stacked, reduction="mean").tolist()
         ctx.last_terms, ctx.last_total = dict(zip(names, means[:-1], strict=True)), means[-1]
 
-    def _skip_step(self, ctx: StageContext, step: int) -> None:
+    def _skip_step(self, ctx: StageContext, step: int, counts: bool = True) -> None:
+        """A step whose loss or gradient was NaN/Inf: nothing changed (weights, optimizer, LR
+        schedule, EMA); counted, and after `max_consecutive_nonfinite` in a row, the end."""
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.nonfinite_skipped += 1
-        ctx.consecutive_nonfinite += 1
+        ctx.consecutive_nonfinite += int(counts)
         if ctx.consecutive_nonfinite >= self.recipe.training.max_consecutive_nonfinite:
             raise TrainingStopped(
-                f"stage {ctx.spec.name!r}: the loss was NaN/Inf for {ctx.consecutive_nonfinite} "
-                f"steps in a row at step {step + 1}; stopped. The last good checkpoint in "
-                f"{str(self.checkpoint_dir)!r} is intact (lower the learning rate or use bf16 "
-                "instead of fp16)"
+                f"stage {ctx.spec.name!r}: the loss or its gradient was NaN/Inf for "
+                f"{ctx.consecutive_nonfinite} steps in a row at step {step + 1}; stopped. The "
+                f"last good checkpoint in {str(self.checkpoint_dir)!r} is intact (lower the "
+                "learning rate or use bf16 instead of fp16)"
             )
-        with warnings.catch_warnings():
-            # The schedule follows the step index, skipped steps included; torch warns because
-            # no optimizer.step() preceded this one.
-            warnings.simplefilter("ignore", UserWarning)
-            ctx.lr_scheduler.step()
 
     def _loss_step(
         self, ctx: StageContext, step: int, micro: int
@@ -257,15 +254,19 @@ class DistillationTrainer:
     def _save_checkpoint(self, ctx: StageContext, step: int) -> None:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            save_training_checkpoint(
-                self.checkpoint_dir,
-                TrainingState(ctx.index, ctx.spec.name, step, ctx.nonfinite_skipped),
-                student=self.accelerator.unwrap_model(ctx.student),
-                optimizer=ctx.optimizer,
-                lr_scheduler=ctx.lr_scheduler,
-                ema=ctx.ema,
-                keep_last=self.recipe.training.keep_last,
-            )
+            try:
+                save_training_checkpoint(
+                    self.checkpoint_dir,
+                    TrainingState(ctx.index, ctx.spec.name, step, ctx.nonfinite_skipped),
+                    student=self.accelerator.unwrap_model(ctx.student),
+                    optimizer=ctx.optimizer,
+                    lr_scheduler=ctx.lr_scheduler,
+                    ema=ctx.ema,
+                    scaler=self.accelerator.scaler,
+                    keep_last=self.recipe.training.keep_last,
+                )
+            except NonFiniteWeights as error:
+                raise TrainingStopped(f"stage {ctx.spec.name!r}, step {step}: {error}") from None
         self.accelerator.wait_for_everyone()
 
     def _finish_stage(self, ctx: StageContext) -> None:
