@@ -217,7 +217,10 @@ def timed_step(
             "backward": after_backward - after_losses,
             "optimizer": end - after_backward,
         },
-        "loss_terms": {name: term.item() for name, term in terms.items()} | {"total": total.item()},
+        # Each loss's term and the total; per-pair terms ("similarity/<layer>") apart.
+        "loss_terms": {k: v.item() for k, v in terms.items() if "/" not in k}
+        | {"total": total.item()},
+        "pair_terms": {k: v.item() for k, v in terms.items() if "/" in k},
     }
 
 
@@ -350,6 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gflop": gflop,
         "gflop_per_second": gflop["step"] / median_step,
         "loss_terms": timed[-1]["loss_terms"],
+        "pair_terms": timed[-1]["pair_terms"],
         "memory_gib": {
             "peak_rss": peak_rss_gib(),
             "peak_rss_after_setup": peak_after_setup,

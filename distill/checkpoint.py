@@ -113,26 +113,43 @@ def latest_checkpoint(root: Path) -> Checkpoint | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def checkpoint_to_resume(root: Path, resume: bool | None) -> Checkpoint | None:
-    """The run's resume policy: `resume` True = must resume (no checkpoint is an error), False =
-    start afresh, None = resume when a checkpoint exists."""
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where a run (re)starts: the first stage to run, the checkpoint to restore in it (None: the
+    stage starts at step 0), and the checkpoints a restarted stage leaves behind (to delete)."""
+
+    first_stage: int
+    checkpoint: Checkpoint | None
+    discarded: list[Checkpoint]
+
+
+def plan_resume(
+    root: Path,
+    stage_steps: list[int],
+    saved: Callable[[int], bool],
+    *,
+    resume: bool | None = None,
+    restart_stage: bool = False,
+) -> ResumePlan:
+    """The run's resume policy.
+
+    `resume` True = must resume (no checkpoint is an error), False = start afresh, None = resume
+    when a checkpoint exists. A checkpoint at the end of a stage whose final student was saved
+    (`saved(index)`) means that stage is done: the run goes on with the next one. `restart_stage`
+    trains the stage of the latest checkpoint again from its start (its checkpoints discarded).
+    """
     checkpoint = latest_checkpoint(root) if resume is not False else None
     if resume is True and checkpoint is None:
         raise UserInputError(f"--resume: no checkpoint in {str(root)!r}")
-    return checkpoint
-
-
-def resume_point(
-    checkpoint: Checkpoint | None, stage_steps: list[int], saved: Callable[[int], bool]
-) -> tuple[int, Checkpoint | None]:
-    """(first stage to run, checkpoint to restore in it). A checkpoint at the end of a stage whose
-    final student was saved (`saved(index)`) means that stage is done: start at the next one."""
     if checkpoint is None:
-        return 0, None
+        return ResumePlan(0, None, [])
     index = checkpoint.state.stage_index
     if checkpoint.state.step >= stage_steps[index] and saved(index):
-        return index + 1, None
-    return index, checkpoint
+        return ResumePlan(index + 1, None, [])
+    if restart_stage:
+        stale = [c for c in list_checkpoints(root) if c.state.stage_index == index]
+        return ResumePlan(index, None, stale)
+    return ResumePlan(index, checkpoint, [])
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:

@@ -14,6 +14,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from distill.atomic import write_text_atomic
+
 
 class RunLog:
     def __init__(self, accelerator: Accelerator, path: Path, stage_steps: Sequence[int]) -> None:
@@ -21,6 +23,19 @@ class RunLog:
         self.accelerator = accelerator
         self.path = path
         self._stage_offsets = [sum(stage_steps[:i]) for i in range(len(stage_steps))]
+
+    def rewind(self, stage_index: int, step: int) -> None:
+        """Drop the records after (stage_index, step): a resumed run trains those steps again,
+        so each step appears once in metrics.jsonl (tensorboard keeps both; it plots the last)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.is_file():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines(keepends=True)
+            if line.strip() and _position(line) <= (stage_index, step)
+        ]
+        write_text_atomic(self.path, "".join(kept))
 
     def step(
         self,
@@ -45,3 +60,11 @@ class RunLog:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
         return record
+
+
+def _position(line: str) -> tuple[int, int]:
+    try:
+        record = json.loads(line)
+        return record["stage_index"], record["step"]
+    except (json.JSONDecodeError, KeyError):  # a line cut by a crash mid-write
+        return (1 << 30, 0)

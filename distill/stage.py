@@ -30,6 +30,7 @@ from distill.data import (
 from distill.errors import UserInputError
 from distill.losses import Loss, build_losses
 from distill.paths import default_cache_root
+from distill.provenance import RunProvenance, teacher_fingerprint
 from distill.recipe import DataSpec, Recipe, StageSpec, TrainingSpec
 from distill.step_randomness import EpochOrder
 from distill.teacher import (
@@ -87,6 +88,7 @@ class StageBuilder:
         self.run_dir = Path(recipe.output_dir)
         self.mixed_dtype = MIXED_PRECISION_DTYPES[recipe.training.mixed_precision]
         self._components: dict[str, PipelineComponents] = {}
+        self.provenance = RunProvenance(self.run_dir)
 
     def components(self, key: str) -> PipelineComponents:
         """The pipeline behind teacher `key`, loaded once while it is the latest one asked for."""
@@ -94,18 +96,44 @@ class StageBuilder:
             self._components = {key: load_pipeline_components(self.recipe.teachers[key])}
         return self._components[key]
 
+    def source_key(self, index: int) -> str:
+        """The teacher whose UNet (if any), VAE and text encoder stage `index` uses."""
+        return self.recipe.stages[index].teacher or self.recipe.student.init_from
+
+    def check_unchanged_teacher(self, index: int) -> None:
+        """Before resuming stage `index` mid-way: its teacher is the one it started with."""
+        source = self.recipe.teachers[self.source_key(index)]
+        self.provenance.check(
+            index, self.recipe.stages[index].name, teacher_fingerprint=teacher_fingerprint(source)
+        )
+
     def build(self, index: int, checkpoint: Checkpoint | None) -> StageContext:
         recipe, spec, accelerator = self.recipe, self.recipe.stages[index], self.accelerator
         student = self.initial_student(index)
-        components = self.components(spec.teacher or recipe.student.init_from)
+        components = self.components(self.source_key(index))
         teacher = None
         if spec.teacher is not None:
             check_compatible(student, components.unet, spec.teacher)
             teacher = FrozenTeacher(components.unet, self.mixed_dtype).to(accelerator.device)
         losses = build_losses(spec.losses, student.config, components.unet.config)
+        check_key = None
+        if checkpoint is not None:  # a resumed stage must train on the data it started with
+            check_key = lambda key: self.provenance.check(index, spec.name, cache_key=key)  # noqa: E731
         cache = open_cache(
-            recipe.data, components, accelerator, seed=recipe.seed, progress=self.progress
+            recipe.data,
+            components,
+            accelerator,
+            seed=recipe.seed,
+            progress=self.progress,
+            check_key=check_key,
         )
+        if accelerator.is_main_process:
+            self.provenance.record(
+                index,
+                teacher=self.source_key(index),
+                teacher_fingerprint=teacher_fingerprint(recipe.teachers[self.source_key(index)]),
+                cache_key=cache.meta["key"],
+            )
         if recipe.training.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         optimizer = make_optimizer(student, spec.lr, recipe.training)
@@ -178,8 +206,10 @@ def open_cache(
     *,
     seed: int,
     progress: bool,
+    check_key: Callable[[str], None] | None = None,
 ) -> LatentCache:
-    """The latent cache of `data` under the stage teacher's VAE and text encoder (built once)."""
+    """The latent cache of `data` under the stage teacher's VAE and text encoder (built once);
+    `check_key(key)` runs before anything is encoded."""
     rows = {"image_column", "text_column", "split", "streaming", "max_samples"}
     dataset = load_image_text_dataset(data.source, **data.model_dump(include=rows))
     fingerprint = None
@@ -200,6 +230,7 @@ def open_cache(
         progress=progress,
         accelerator=accelerator,
         seed=seed,
+        check_key=check_key,
     )
 
 

@@ -15,6 +15,7 @@ Only the main process writes (caches, checkpoints, students, grids, logs).
 
 from __future__ import annotations
 
+import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,12 +26,12 @@ from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
+from distill.atomic import atomic_folder, write_text_atomic
 from distill.checkpoint import (
-    Checkpoint,
     NonFiniteWeights,
+    ResumePlan,
     TrainingState,
-    checkpoint_to_resume,
-    resume_point,
+    plan_resume,
     save_training_checkpoint,
 )
 from distill.preflight import check_recipe_losses
@@ -61,8 +62,10 @@ class DistillationTrainer:
         resume: bool | None = None,
         progress: bool = True,
         stop_after_steps: int | None = None,
+        restart_stage: bool = False,
     ) -> None:
         """`resume`: True = must resume, False = start fresh, None = resume if a checkpoint exists.
+        `restart_stage`: train the stage of the latest checkpoint again from its start.
 
         `stop_after_steps` ends `train()` after that many optimizer steps in this process, as an
         interruption would (used to test resumption).
@@ -72,6 +75,7 @@ class DistillationTrainer:
         self.resume = resume
         self.progress = progress
         self.stop_after_steps = stop_after_steps
+        self.restart_stage = restart_stage
         self.accelerator = accelerator or Accelerator(
             mixed_precision=recipe.training.mixed_precision,
             log_with="tensorboard",
@@ -92,18 +96,32 @@ class DistillationTrainer:
     def stage_dir(self, index: int) -> Path:
         return self.run_dir / "stages" / f"{index + 1:02d}-{self.recipe.stages[index].name}"
 
-    def setup(self) -> Checkpoint | None:
-        """Check the losses, create the run folder (main process), find the checkpoint to resume."""
+    def setup(self) -> ResumePlan:
+        """Check the losses and what a resumed stage trains from, create the run folder (main
+        process), and plan where the run starts."""
         check_recipe_losses(self.recipe)
-        checkpoint = checkpoint_to_resume(self.checkpoint_dir, self.resume)
+        plan = plan_resume(
+            self.checkpoint_dir,
+            [stage.steps for stage in self.recipe.stages],
+            saved=lambda index: (self.stage_dir(index) / "unet").is_dir(),
+            resume=self.resume,
+            restart_stage=self.restart_stage,
+        )
+        if plan.checkpoint is not None:
+            self.stages.check_unchanged_teacher(plan.first_stage)
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "recipe.yaml").write_text(
-                yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
+            for stale in plan.discarded:
+                shutil.rmtree(stale.path, ignore_errors=True)
+            write_text_atomic(
+                self.run_dir / "recipe.yaml",
+                yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False),
             )
+            step = plan.checkpoint.state.step if plan.checkpoint else 0
+            self.log.rewind(plan.first_stage, step)  # steps after the checkpoint run again
         self.accelerator.init_trackers(self.recipe.name)
         self.accelerator.wait_for_everyone()
-        return checkpoint
+        return plan
 
     def cleanup(self) -> None:
         self.accelerator.end_training()
@@ -111,15 +129,10 @@ class DistillationTrainer:
     def train(self) -> Path | None:
         """Run every stage from the resume point; returns the final pipeline folder, or None when
         stopped early by `stop_after_steps`."""
-        checkpoint = self.setup()
-        first_stage, checkpoint = resume_point(
-            checkpoint,
-            [stage.steps for stage in self.recipe.stages],
-            saved=lambda index: (self.stage_dir(index) / "unet").is_dir(),
-        )
+        plan = self.setup()
         try:
-            for index in range(first_stage, len(self.recipe.stages)):
-                resume_from = checkpoint if index == first_stage else None
+            for index in range(plan.first_stage, len(self.recipe.stages)):
+                resume_from = plan.checkpoint if index == plan.first_stage else None
                 context = self.stages.build(index, resume_from)
                 if not self._train_stage(context):
                     return None
@@ -272,8 +285,10 @@ class DistillationTrainer:
     def _finish_stage(self, ctx: StageContext) -> None:
         self._save_checkpoint(ctx, ctx.spec.steps)
         if self.accelerator.is_main_process:
-            final = final_student(ctx, self.accelerator)
-            final.save_pretrained(self.stage_dir(ctx.index) / "unet", safe_serialization=True)
+            with atomic_folder(self.stage_dir(ctx.index) / "unet") as folder:
+                final_student(ctx, self.accelerator).save_pretrained(
+                    folder, safe_serialization=True
+                )
         self._validate(ctx, ctx.spec.steps)
         self.accelerator.wait_for_everyone()
 
@@ -284,7 +299,8 @@ class DistillationTrainer:
             spec = self.recipe.stages[last]
             components = self.stages.components(spec.teacher or self.recipe.student.init_from)
             unet = UNet2DConditionModel.from_pretrained(self.stage_dir(last) / "unet")
-            components.with_unet(unet).save_pretrained(out, safe_serialization=True)
+            with atomic_folder(out) as folder:
+                components.with_unet(unet).save_pretrained(folder, safe_serialization=True)
         self.accelerator.wait_for_everyone()
         return out
 

@@ -30,11 +30,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--overwrite", action="store_true", help="delete the run folder and start afresh"
     )
+    group.add_argument(
+        "--restart-stage",
+        action="store_true",
+        help="train the interrupted stage again from its start (e.g. after its teacher or data "
+        "changed); finished stages are kept",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.no_progress:  # the libraries' own loading bars too
+        import datasets
+        import diffusers
+        import transformers
+
+        datasets.disable_progress_bars()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     kind = _recipe_kind(args.recipe)
     if kind == "teacher":
         from distill.offline.teacher_recipe import run_teacher_recipe
@@ -49,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
     from distill.trainer import DistillationTrainer, TrainingStopped
 
     trainer = DistillationTrainer(
-        recipe, resume=True if args.resume else None, progress=not args.no_progress
+        recipe,
+        resume=True if args.resume else None,
+        progress=not args.no_progress,
+        restart_stage=args.restart_stage,
     )
     try:
         pipeline = trainer.train()

@@ -17,7 +17,7 @@ import bisect
 import fcntl
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -146,6 +146,7 @@ def build_latent_cache(
     accelerator: Any = None,
     seed: int = 0,
     preload: bool | None = None,
+    check_key: Callable[[str], None] | None = None,
 ) -> LatentCache:
     """Encode `dataset` (rows `image`, `text`; see `load_image_text_dataset`) into
     `cache_root/latents-<key>/`, or reuse/resume the cache already there, and open it.
@@ -161,6 +162,8 @@ def build_latent_cache(
     accelerator: an `accelerate.Accelerator`; only its main process encodes, the others wait and
         then read the finished cache.
     seed, preload: passed to `LatentCache`.
+    check_key: called with the cache key before anything is encoded (it may raise: a resumed run
+        refuses a cache other than the one it started on).
 
     Unreadable images and empty or non-string captions are skipped and counted (`.skipped`).
     """
@@ -178,6 +181,8 @@ def build_latent_cache(
         dtype=dtype,
     )
     key = stable_hash(key_inputs)
+    if check_key is not None:
+        check_key(key)
     folder = Path(cache_root) / f"latents-{key}"
     main_first = accelerator.main_process_first() if accelerator is not None else nullcontext()
     with main_first:
@@ -306,9 +311,11 @@ def _encode_dataset(
     if start:
         logger.info("resuming latent cache %s after %d source rows", folder, start)
     rows = _undecoded(dataset)
-    if start:
-        rows = rows.skip(start)
     total = len(dataset) if isinstance(dataset, datasets.Dataset) else None
+    if total is not None and start >= total:
+        rows = []  # every row is in a shard (killed before meta.json): only meta.json is left
+    elif start:
+        rows = rows.skip(start)  # datasets 5.2: skip(len) of a map-style dataset raises
     encoder = _ShardedEncoder(
         folder,
         vae=vae,

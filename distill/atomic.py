@@ -1,0 +1,40 @@
+"""Writes that a crash (or kill -9) cannot leave half done: to a temporary name, then renamed.
+
+`os.replace` of a file, or of a folder onto a name that does not exist, is atomic on POSIX file
+systems, so a reader sees either the old state or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success it replaces `path` (an existing
+    folder is moved aside first, then deleted). On an exception `path` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    if path.exists():
+        os.replace(path, old)  # between these two renames `path` is briefly absent, never partial
+    os.replace(temporary, path)
+    shutil.rmtree(old, ignore_errors=True)
