@@ -37,9 +37,10 @@ from distill.data.encode import (
     encode_captions,
     encode_latent_distribution,
     image_variants,
-    is_usable_caption,
+    row_problem,
 )
 from distill.data.fingerprint import model_identity, stable_hash, tokenizer_identity
+from distill.data.metadata import as_text
 from distill.data.preprocess import PreprocessSpec
 from distill.data.shards import (
     EMPTY_TEXT_FILE,
@@ -165,7 +166,8 @@ def build_latent_cache(
     check_key: called with the cache key before anything is encoded (it may raise: a resumed run
         refuses a cache other than the one it started on).
 
-    Unreadable images and empty or non-string captions are skipped and counted (`.skipped`).
+    Rows that cannot be used (an unreadable row or image, a missing or empty caption) are skipped
+    and counted by reason (`.skipped`); captions of other types are used as text.
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be positive: {batch_size}, {shard_size}")
@@ -343,10 +345,8 @@ def _encode_dataset(
     }
     count = sum(s.count for s in shards)
     if count == 0:
-        raise UserInputError(
-            f"no usable samples to cache: {skipped['unreadable_image']} unreadable images, "
-            f"{skipped['bad_caption']} empty or non-string captions"
-        )
+        counts = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in skipped.items() if n)
+        raise UserInputError(f"no usable samples to cache (skipped: {counts or 'no rows at all'})")
     with safe_open(str(folder / shards[0].file), framework="pt") as first:
         _, num_variants, *latent_shape = first.get_slice("latent_mean").get_shape()
     if any(skipped.values()):
@@ -405,8 +405,10 @@ class _ShardedEncoder:
 
     def add_row(self, source_index: int, row: dict[str, Any]) -> None:
         self.source_end = source_index + 1
-        if not is_usable_caption(row.get("text")):
-            self.buffer.skipped["bad_caption"] += 1
+        caption = as_text(row.get("text"))  # a number or a list is text too; None stays None
+        problem = row_problem(row.get("image"), caption)
+        if problem is not None:
+            self.buffer.skipped[problem] += 1
             return
         try:
             pixels = image_variants(decode_image(row.get("image")), self.preprocess, source_index)
@@ -418,7 +420,7 @@ class _ShardedEncoder:
             if self.unreadable_seen <= _WARN_FIRST_UNREADABLE:
                 logger.warning("skipping unreadable image in row %d: %r", source_index, error)
             return
-        self.pending.append(PendingSample(source_index, pixels, row["text"]))
+        self.pending.append(PendingSample(source_index, pixels, caption))
         if len(self.pending) == self.batch_size:
             self._encode_pending()
             if len(self.buffer) >= self.shard_size:
@@ -514,7 +516,7 @@ class LatentCache(torch.utils.data.Dataset):
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Rows left out while building: {"unreadable_image": n, "bad_caption": m}."""
+        """Rows left out while building, by reason (`SKIP_REASONS`): {"empty_caption": n, ...}."""
         return dict(self.meta["skipped"])
 
     @property

@@ -39,8 +39,16 @@ def decode_image(value: object) -> Image.Image:
     return image
 
 
-def is_usable_caption(caption: object) -> bool:
-    return isinstance(caption, str) and caption.strip() != ""
+def row_problem(image: object, caption: str | None) -> str | None:
+    """Why a row cannot be trained on (a `SKIP_REASONS` entry), or None when its caption is
+    usable (the image is checked by decoding it)."""
+    if image is None and caption is None:
+        return "unreadable_row"  # e.g. a metadata line that is not JSON
+    if caption is None:
+        return "missing_caption"
+    if not caption.strip():
+        return "empty_caption"
+    return None
 
 
 def flip_variants(random_flip: bool) -> tuple[bool, ...]:

@@ -11,13 +11,14 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 # Bump when the pixel pipeline below changes: every cache built by the old one becomes stale.
-PIPELINE_VERSION = "resize-bicubic-antialias/crop/flip/to-[-1,1]@1"
+PIPELINE_VERSION = "rgb8/crop-square/resize-bicubic-antialias/flip/to-[-1,1]@2"
 
 
 @dataclass(frozen=True)
@@ -64,23 +65,40 @@ def preprocess_image(
 ) -> torch.Tensor:
     """PIL image → (3, R, R) float32 in [-1, 1].
 
-    RGB conversion first (greyscale, palette and RGBA sources all become 3 channels; alpha is
-    dropped), then the shorter side is resized to R (bicubic, antialiased), then a square crop, then
-    the optional horizontal flip. `flip` is an argument, not a coin toss, because the cache encodes
-    both variants of the same crop.
+    8-bit RGB first (`to_rgb8`), then the largest square is cropped (centered, or placed by
+    `generator`), resized to R (bicubic, antialiased), optionally flipped. Cropping before
+    resizing is the same picture as diffusers' resize-then-crop, and it keeps extreme shapes
+    cheap: a 1×4000 sliver resized first would become 512×2,048,000 pixels. `flip` is an
+    argument, not a coin toss, because the cache encodes both variants of the same crop.
     """
+    image = to_rgb8(image)
+    width, height = image.size
+    side = min(width, height)
+    top, left = crop_box(height, width, side, center=spec.center_crop, generator=generator)
+    image = F.crop(image, top, left, side, side)
     image = F.resize(
-        image.convert("RGB"),
-        [spec.resolution],  # one number = the shorter side, aspect ratio kept
+        image,
+        [spec.resolution, spec.resolution],
         interpolation=InterpolationMode.BICUBIC,
         antialias=True,
     )
-    width, height = image.size
-    top, left = crop_box(
-        height, width, spec.resolution, center=spec.center_crop, generator=generator
-    )
-    image = F.crop(image, top, left, spec.resolution, spec.resolution)
     if flip:
         image = F.horizontal_flip(image)
     pixels = F.to_dtype(F.to_image(image), torch.float32, scale=True)  # (3, R, R) in [0, 1]
     return pixels.as_subclass(torch.Tensor) * 2.0 - 1.0
+
+
+# PIL's integer modes: 16-bit greyscale PNGs load as these, and convert("RGB") would clip every
+# value above 255 to white instead of scaling it.
+_WIDE_INTEGER_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": None}
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: greyscale, palette, RGBA (alpha dropped), CMYK and 16/32-bit
+    integer greyscale (scaled by its range, not clipped)."""
+    if image.mode in _WIDE_INTEGER_MODES:
+        values = np.asarray(image, dtype=np.float64)  # (H, W)
+        full_scale = _WIDE_INTEGER_MODES[image.mode] or (65535 if values.max() > 255 else 255)
+        grey = np.clip(np.rint(values * 255.0 / full_scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")

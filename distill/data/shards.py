@@ -33,11 +33,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-FORMAT_VERSION = 1
+# 2: skips counted by reason (unreadable row or image, missing or empty caption).
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
 EMPTY_TEXT_FILE = "empty_text.safetensors"
 SHARD_GLOB = "shard-*.safetensors"
-SKIP_REASONS = ("unreadable_image", "bad_caption")
+SKIP_REASONS = ("unreadable_row", "unreadable_image", "missing_caption", "empty_caption")
 
 
 def shard_name(source_start: int) -> str:

@@ -7,6 +7,7 @@ One entry point, `load_image_text_dataset`, turns a source string into rows of `
     path/to/shard-{00000..00099}.tar  webdataset shards (LAION via img2dataset), glob or braces
     path/to/saved                   a folder written by `Dataset.save_to_disk`
     path/to/images                  an imagefolder with metadata.jsonl / metadata.csv captions
+                                    (read row by row: `distill.data.metadata`)
     owner/name                      a hub dataset (needs a network)
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import datasets
 
+from distill.data.metadata import SIGNATURE_COLUMN, caption_folder_dataset, metadata_files
 from distill.errors import UserInputError
 
 FASHION_MNIST = "fashion-mnist"
@@ -186,11 +188,15 @@ def _load_local_folder(
                 streaming=True,
                 cache_dir=cache_dir,
             )
+    split_folder = path / split
+    captioned = split_folder if metadata_files(split_folder) else path
+    if metadata_files(captioned):
+        return caption_folder_dataset(captioned)  # row by row: one bad caption costs one row
     try:
         return datasets.load_dataset(
             "imagefolder", data_dir=str(path), split=split, streaming=streaming, cache_dir=cache_dir
         )
-    except ValueError as error:  # e.g. unknown split, metadata without file_name
+    except ValueError as error:  # e.g. unknown split
         raise UserInputError(f"cannot read image folder {str(path)!r}: {error}") from error
 
 
@@ -211,7 +217,7 @@ def _load_hub(
 
 def _column_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str]:
     if dataset.column_names is not None:
-        return list(dataset.column_names)
+        return [name for name in dataset.column_names if name != SIGNATURE_COLUMN]
     # A streamed dataset may not know its features until it reads a row.
     first_row = next(iter(dataset.take(1)), None)
     return list(first_row) if first_row is not None else []

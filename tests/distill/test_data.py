@@ -56,7 +56,7 @@ ROWS = [
     ("g.png", None, (20, 20)),
 ]
 USABLE = 5
-SKIPPED = {"unreadable_image": 1, "bad_caption": 2}
+SKIPPED = {"unreadable_row": 0, "unreadable_image": 1, "missing_caption": 1, "empty_caption": 1}
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -269,7 +269,7 @@ def test_random_crop_is_reproducible_from_its_generator():
 
 def test_preprocess_fingerprint_is_stable_and_covers_every_field():
     spec = PreprocessSpec(512)
-    assert spec.fingerprint() == PreprocessSpec(512).fingerprint() == "3893fd085663b0db"
+    assert spec.fingerprint() == PreprocessSpec(512).fingerprint() == "0e9487053c9864d2"
     variants = {
         PreprocessSpec(256).fingerprint(),
         PreprocessSpec(512, center_crop=False).fingerprint(),
@@ -471,5 +471,103 @@ def test_webdataset_shards_stream_into_the_cache(models, tmp_path, hf_cache):
     cache = build(
         rows, models, tmp_path / "cache", dataset_fingerprint=streaming_fingerprint(source)
     )
-    assert len(cache) == 3 and cache.skipped == {"unreadable_image": 1, "bad_caption": 0}
+    assert len(cache) == 3 and cache.skipped == SKIPPED | {"missing_caption": 0, "empty_caption": 0}
     assert [int(cache.item(i)["source_index"]) for i in range(3)] == [0, 1, 2]
+
+
+# --- a folder of corrupt and odd inputs --------------------------------------------------------
+
+
+def _png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def faulty_folder(tmp_path_factory) -> Path:
+    """Every kind of bad entry a LAION-scale folder holds, beside odd images that are valid."""
+    folder = tmp_path_factory.mktemp("faulty")
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    files = {
+        "good.png": _png_bytes(photo),
+        "zero.png": b"",
+        "cut.png": _png_bytes(photo)[:60],
+        "cut.jpg": _png_bytes(photo, "JPEG")[:200],
+        "text.png": b"this is a text file with a .png name\n",
+        "sliver.png": _png_bytes(Image.new("RGB", (1, 4000), (200, 10, 10))),
+        "grey16.png": _png_bytes(Image.fromarray(np.full((20, 20), 32768, np.uint16))),
+        "cmyk.jpg": _png_bytes(Image.new("CMYK", (24, 24), (0, 255, 255, 0)), "JPEG"),
+        "number.png": _png_bytes(photo),
+        "list.png": _png_bytes(photo),
+        "empty.png": _png_bytes(photo),
+        "null.png": _png_bytes(photo),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    captions = {name: f"a photo of {name}" for name in files}
+    captions |= {"number.png": 3, "list.png": ["a", 1], "empty.png": "  ", "null.png": None}
+    lines = [json.dumps({"file_name": name, "text": text}) for name, text in captions.items()]
+    lines.insert(3, '{"file_name": "good.png", "text": "cut off mid-li')  # not JSON
+    lines.append(json.dumps({"file_name": "missing.png", "text": "no such file"}))
+    lines.append(json.dumps({"file_name": "good.png"}))  # no caption key at all
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+FAULTY_USED = ["good", "sliver", "grey16", "cmyk", "number", "list"]  # in metadata order
+FAULTY_SKIPPED = {
+    "unreadable_row": 1,  # the line that is not JSON
+    "unreadable_image": 5,  # zero-byte, truncated PNG and JPEG, text file, missing file
+    "missing_caption": 2,  # null, and no "text" key
+    "empty_caption": 1,
+}
+
+
+def test_corrupt_entries_are_each_skipped_and_counted_and_odd_images_are_used(
+    faulty_folder, models, tmp_path
+):
+    rows = load_image_text_dataset(str(faulty_folder))
+    cache = build(rows, models, tmp_path / "cache")
+    assert cache.skipped == FAULTY_SKIPPED
+    used = [rows[int(cache.item(i)["source_index"])] for i in range(len(cache))]
+    assert [Path(row["image"].filename).stem for row in used] == FAULTY_USED
+    captions = {Path(row["image"].filename).stem: row["text"] for row in used}
+    assert captions["number"] == "3" and captions["list"] == '["a", 1]'  # numbers are text
+    # The numeric caption was encoded as the text "3".
+    number = FAULTY_USED.index("number")
+    torch.testing.assert_close(
+        cache.item(number)["text_embedding"], reference_text_embedding(models, "3")
+    )
+
+
+def test_a_16_bit_image_is_scaled_not_clipped_and_cmyk_becomes_rgb(faulty_folder):
+    spec = PreprocessSpec(8)
+    grey = preprocess_image(Image.open(faulty_folder / "grey16.png"), spec)  # 32768 / 65535
+    torch.testing.assert_close(grey, torch.full_like(grey, 128 / 255 * 2 - 1), atol=1e-2, rtol=0)
+    red = preprocess_image(Image.open(faulty_folder / "cmyk.jpg"), spec)
+    assert red[0].mean() > 0.8 and red[1:].mean() < -0.8  # C=0, M=Y=255: red
+
+
+def test_a_sliver_is_cropped_before_it_is_resized(faulty_folder):
+    pixels = preprocess_image(Image.open(faulty_folder / "sliver.png"), PreprocessSpec(512))
+    assert pixels.shape == (3, 512, 512)  # not the 512×2,048,000 a resize-first would make
+
+
+def test_csv_captions_and_a_saved_dataset_with_numeric_and_null_captions(models, tmp_path):
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for index in range(3):
+        Image.new("RGB", (16, 16), (index * 80, 0, 0)).save(folder / f"{index}.png")
+    (folder / "metadata.csv").write_text("file_name,text\n0.png,a red one\n1.png,\n2.png,7\n")
+    cache = build(load_image_text_dataset(str(folder)), models, tmp_path / "cache-csv")
+    assert len(cache) == 2 and cache.skipped["empty_caption"] == 1
+
+    saved = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (16, 16))] * 3, "caption": [7, None, 9]}
+    )
+    saved.save_to_disk(str(tmp_path / "saved"))
+    rows = load_image_text_dataset(str(tmp_path / "saved"), text_column="caption")
+    cache = build(rows, models, tmp_path / "cache-saved")
+    assert len(cache) == 2 and cache.skipped["missing_caption"] == 1
