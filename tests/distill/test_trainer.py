@@ -232,3 +232,38 @@ def test_feature_kd_on_blocks_and_attention_relation_on_projections_train_togeth
             + 0.5 * record["loss/attention_relation"]
         )
         assert record["loss/total"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_output_kd_loss_falls_by_half_in_twenty_seeded_steps(teachers, tmp_path: Path) -> None:
+    raw = _one_stage(tmp_path, teachers, {"output_kd": {"weight": 1.0}}, steps=20)
+    raw["stages"][0] |= {"batch_size": 8, "lr": 3e-3}
+    losses = [record["loss/output_kd"] for record in _records(_train(raw).run_dir)]
+    # Measured: 0.27 at step 1, about 0.085 by steps 16-20 (teacher b, student from teacher a).
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3
+
+
+def test_the_stage_student_is_the_ema_of_the_raw_weights_by_diffusers_decay_schedule(
+    teachers, tmp_path: Path
+) -> None:
+    """EMA after k updates: e_1 = w_1, e_k = d_k·e_(k−1) + (1 − d_k)·w_k with diffusers'
+    d_k = min(decay, k / (k + 9)) (EMAModel.get_decay, no warmup); the raw w_k are read back
+    from the per-step checkpoints. A decay of 0.5 keeps e_4 far from w_4."""
+    raw = _one_stage(tmp_path, teachers, {"task": {"weight": 1.0}}, steps=4)
+    raw["training"] |= {
+        "checkpoint_every": 1,
+        "keep_last": 10,
+        "ema": {"enabled": True, "decay": 0.5},
+    }
+    run = _train(raw).run_dir
+    raw_weights = {c.state.step: c.load_student() for c in list_checkpoints(run / "checkpoints")}
+    expected = dict(raw_weights[1])
+    for k in (2, 3, 4):
+        decay = min(0.5, k / (k + 9))
+        expected = {
+            key: decay * e + (1 - decay) * raw_weights[k][key] for key, e in expected.items()
+        }
+    final = _stage_weights(run, "01-only")
+    for key, value in final.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
+    moved = [key for key in final if not torch.allclose(final[key], raw_weights[4][key])]
+    assert len(moved) > len(final) // 2  # the EMA is really not the raw weights
