@@ -151,7 +151,9 @@ def test_sd_scale_recipes_losses_fit_the_real_sd_v1_shapes(name: str) -> None:
     raw["teachers"] = {key: key for key in raw["teachers"]}  # sd-v1-4 / sd-v1-5: builtin names
     check_recipe_losses(validate_recipe(raw))
     raw["stages"][-1]["losses"]["feature_kd"] = {"layer_pairs": [["down_blocks.0", "mid_block"]]}
-    with pytest.raises(UserInputError, match=r"layer_pairs\.0: .*\(1, 320, 32, 32\).*\(1, 1280, 8, 8\)"):
+    with pytest.raises(
+        UserInputError, match=r"layer_pairs\.0: .*\(1, 320, 32, 32\).*\(1, 1280, 8, 8\)"
+    ):
         check_recipe_losses(validate_recipe(raw))
 
 
