@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sd_step.py"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("sd_step_benchmark", SCRIPT)
+def load_benchmark(name: str = "sd_step"):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -63,3 +63,26 @@ def test_resolution_must_be_a_multiple_of_the_unet_downsampling():
         benchmark.parse_args(["--tiny", "--resolution", "96"])
     assert raised.value.code == 2
     assert benchmark.parse_args(["--tiny", "--resolution", "128"]).resolution == 128
+
+
+def test_pair_magnitudes_prints_every_pair_raw_and_normalized(capsys):
+    results = load_benchmark("pair_magnitudes").main(["sd", "--tiny", "--batches", "1"])
+    report = capsys.readouterr().out
+    assert set(results) == {
+        "similarity",
+        "similarity_normalized",
+        "feature_kd",
+        "feature_kd_normalized",
+    }
+    assert list(results["similarity"]) == [
+        *(f"down_blocks.{i}" for i in range(4)),
+        "mid_block",
+        *(f"up_blocks.{i}" for i in range(4)),
+    ]
+    assert report.count("\n| `") == 9
+    # Normalizing by the teacher's mean square changes each pair by its own factor.
+    ratios = [
+        results["feature_kd_normalized"][pair] / results["feature_kd"][pair]
+        for pair in results["feature_kd"]
+    ]
+    assert max(ratios) > 1.5 * min(ratios)
