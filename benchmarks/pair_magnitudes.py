@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from distill.data.encode import encode_captions
+from distill.conditioning import encode_captions
 from distill.losses import build_losses, validate_loss_blocks
 from distill.offline.fashion_mnist import caption_for, load_fashion_mnist_arrays
 from distill.offline.teacher import fashion_pixels

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distill.data.encode import encode_captions
+from distill.conditioning import encode_captions
 from distill.offline.fashion_mnist import FASHION_CLASSES, load_fashion_mnist_arrays
 from distill.offline.sample_grid import class_prompts, tile
 from distill.offline.teacher import (

@@ -49,7 +49,15 @@ class DataSpec(_Strict):
     center_crop: bool = True
     random_flip: bool = False
     cache_dir: str | None = None  # default: $SD_DISTILL_CACHE or ~/.cache/sd-distill
+    # float16: ~0.13 MB per pair at 512 px with both flips; float32: twice the latents' size.
+    cache_dtype: Literal["float16", "float32"] = "float16"
     encode_batch_size: Annotated[int, Field(gt=0)] = 32
+    encode_workers: Annotated[int, Field(ge=0)] | None = None  # None: min(8, CPUs - 1)
+    rows_per_shard: Annotated[int, Field(gt=0)] = 1024
+    # How long a process waits for the others' part of the cache build (hours, not the 10
+    # minutes of a process-group barrier: 212k images take hours on one GPU).
+    cache_timeout_hours: Annotated[float, Field(gt=0)] = 24.0
+    cache_per_node: bool = False  # one cache per node, when cache_dir is not on a shared disk
 
 
 class EMASpec(_Strict):

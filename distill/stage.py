@@ -9,6 +9,7 @@ losses, all restored from `checkpoint` when resuming. The trainer only loops ove
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from distill.checkpoint import Checkpoint, restore_training_checkpoint
+from distill.conditioning import TextConditioning
 from distill.data import (
     LatentCache,
     PreprocessSpec,
@@ -27,6 +29,7 @@ from distill.data import (
     load_image_text_dataset,
     streaming_fingerprint,
 )
+from distill.data.build import ProcessLayout
 from distill.errors import UserInputError
 from distill.losses import Loss, build_losses
 from distill.paths import default_cache_root
@@ -54,6 +57,7 @@ class StageContext:
     components: PipelineComponents  # VAE / text encoder / scheduler that built the cache
     teacher: FrozenTeacher | None
     cache: LatentCache
+    conditioning: TextConditioning  # caption fields of a batch -> the UNet's text inputs
     order: EpochOrder
     noise_scheduler: DDPMScheduler
     student: torch.nn.Module  # prepared (possibly wrapped) student
@@ -173,6 +177,7 @@ class StageBuilder:
             components=components,
             teacher=teacher,
             cache=cache,
+            conditioning=stage_conditioning(components, accelerator.device),
             order=EpochOrder(len(cache), recipe.seed, index),
             noise_scheduler=components.training_scheduler(),
             student=student,
@@ -208,8 +213,8 @@ def open_cache(
     progress: bool,
     check_key: Callable[[str], None] | None = None,
 ) -> LatentCache:
-    """The latent cache of `data` under the stage teacher's VAE and text encoder (built once);
-    `check_key(key)` runs before anything is encoded."""
+    """The latent cache of `data` under the stage teacher's VAE and tokenizer, built once by all
+    processes together; `check_key(key)` runs before anything is encoded."""
     rows = {"image_column", "text_column", "split", "streaming", "max_samples"}
     dataset = load_image_text_dataset(data.source, **data.model_dump(include=rows))
     fingerprint = None
@@ -217,21 +222,35 @@ def open_cache(
         fingerprint = streaming_fingerprint(
             data.source, split=data.split, max_samples=data.max_samples
         )
+    workers = data.encode_workers
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 1))
     return build_latent_cache(
         dataset,
         dataset_fingerprint=fingerprint,
         vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
+        conditioning=TextConditioning(components.tokenizer, components.text_encoder),
         preprocess=PreprocessSpec(data.resolution, data.center_crop, data.random_flip),
         cache_root=Path(data.cache_dir) if data.cache_dir else default_cache_root(),
         batch_size=data.encode_batch_size,
         device=accelerator.device,
+        storage_dtype=data.cache_dtype,
         progress=progress,
-        accelerator=accelerator,
+        rows_per_shard=data.rows_per_shard,
+        layout=ProcessLayout.of(
+            accelerator.process_index, accelerator.num_processes, per_node=data.cache_per_node
+        ),
+        num_workers=workers,
+        wait_timeout=data.cache_timeout_hours * 3600,
         seed=seed,
         check_key=check_key,
     )
+
+
+def stage_conditioning(components: PipelineComponents, device: torch.device) -> TextConditioning:
+    """The stage teacher's frozen text encoder on `device`, for the step (the cache holds ids)."""
+    encoder = components.text_encoder.to(device).eval().requires_grad_(False)
+    return TextConditioning(components.tokenizer, encoder)
 
 
 def make_optimizer(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -260,6 +261,7 @@ class DistillationTrainer:
             uncond_prob=self.recipe.training.uncond_prob,
             device=accelerator.device,
         )
+        batch = replace(batch, conditioning=ctx.conditioning.encode(batch.conditioning))
         with accelerator.autocast():
             total, terms = distillation_losses(ctx.student, ctx.teacher, batch, ctx.losses)
         return total, {name: term.detach() for name, term in terms.items()}

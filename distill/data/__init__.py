@@ -1,19 +1,21 @@
-"""Training data: image/text sources, preprocessing, and the on-disk latent + text-embedding cache.
+"""Training data: image/text sources, preprocessing, and the on-disk latent cache.
 
-Typical use (one cache per dataset × teacher × preprocessing, shared by every stage and run):
+Typical use (one cache per dataset × VAE × tokenizer × preprocessing, shared by every stage):
 
     dataset = load_image_text_dataset("path/to/images")   # rows: image (PIL), text (str)
-    cache = build_latent_cache(dataset, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    cache = build_latent_cache(dataset, vae=vae, conditioning=TextConditioning(tokenizer),
                                preprocess=PreprocessSpec(512), cache_root=root)
-    item = cache[i]        # latent_mean, latent_std (C, h, w); text_embedding (L, D)
-    latents = sample_latents(mean, std, cache.scaling_factor, generator)   # per training step
+    batch = cache.batch([(index, epoch), ...])  # latent mean/std (B, C, h, w), input_ids (B, L)
+    latents = sample_latents(batch.latent_mean, batch.latent_std, cache.scaling_factor, generators)
 """
 
-from distill.data.cache import LatentCache, build_latent_cache, flip_choice, sample_latents
+from distill.data.build import build_latent_cache
+from distill.data.cache import CachedBatch, LatentCache, flip_choice, sample_latents
 from distill.data.preprocess import PreprocessSpec, preprocess_image
 from distill.data.sources import load_image_text_dataset, streaming_fingerprint
 
 __all__ = [
+    "CachedBatch",
     "LatentCache",
     "PreprocessSpec",
     "build_latent_cache",

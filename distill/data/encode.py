@@ -1,5 +1,6 @@
-"""The teacher-side encoders the cache runs once, and the per-shard buffer that collects their
-outputs. Pure model calls; no file handling (that is `shards.py`), no orchestration (`cache.py`).
+"""What the cache builder does to one row and one shard: check and preprocess the row (in a
+DataLoader worker), run the VAE on a batch, collect a shard. No file handling (`shards.py`), no
+orchestration (`build.py`).
 """
 
 from __future__ import annotations
@@ -7,13 +8,15 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from distill.data.metadata import as_text
 from distill.data.preprocess import PreprocessSpec, preprocess_image
-from distill.data.shards import SKIP_REASONS
+from distill.data.shards import CAPTION_PREFIX, SKIP_REASONS
 
 
 def decode_image(value: object) -> Image.Image:
@@ -73,81 +76,93 @@ def image_variants(image: Image.Image, spec: PreprocessSpec, source_index: int) 
 def encode_latent_distribution(
     vae: torch.nn.Module, pixels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """pixels (B, 3, R, R) in [-1, 1] → (mean, std), each (B, C, h, w): the VAE posterior
-    N(mean, std²) before the latent scaling factor (`AutoencoderKL.encode(x).latent_dist`)."""
+    """pixels (B, 3, R, R) in [-1, 1] → (mean, logvar), each (B, C, h, w): the VAE posterior
+    N(mean, exp(logvar)) before the latent scaling factor (`AutoencoderKL.encode(x).latent_dist`,
+    whose std is exp(logvar / 2))."""
     posterior = vae.encode(pixels).latent_dist
-    return posterior.mean, posterior.std
+    return posterior.mean, posterior.logvar
 
 
-@torch.no_grad()
-def encode_captions(text_encoder: torch.nn.Module, tokenizer, captions: list[str]) -> torch.Tensor:
-    """captions → (B, L, D) `last_hidden_state`, L = tokenizer.model_max_length (77 for CLIP).
-
-    Tokenized as Stable Diffusion pipelines do (padding to max length, truncation); the attention
-    mask is passed only when the encoder's config asks for it (`use_attention_mask`), as in
-    diffusers' `StableDiffusionPipeline.encode_prompt`: SD v1 conditions on the padded positions.
-    """
-    tokens = tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    device = next(text_encoder.parameters()).device
-    extra = {}
-    if getattr(text_encoder.config, "use_attention_mask", False):
-        extra["attention_mask"] = tokens.attention_mask.to(device)
-    return text_encoder(tokens.input_ids.to(device), **extra).last_hidden_state
-
-
-@dataclass
-class PendingSample:
-    """A row that passed the checks, waiting for the next encoder batch."""
+@dataclass(frozen=True)
+class PreparedRow:
+    """One source row, checked and preprocessed (in a DataLoader worker): the pixels of its
+    variants and its caption, or the reason it is skipped."""
 
     source_index: int
-    pixels: torch.Tensor  # (V, 3, R, R)
-    caption: str
+    pixels: torch.Tensor | None  # (V, 3, R, R)
+    caption: str | None
+    problem: str | None = None  # a SKIP_REASONS entry
+    error: str = ""  # what the image decoder said, for the first warnings
+
+
+def prepare_row(source_index: int, row: dict[str, Any], spec: PreprocessSpec) -> PreparedRow:
+    caption = as_text(row.get("text"))  # a number or a list is text too; None stays None
+    problem = row_problem(row.get("image"), caption)
+    if problem is not None:
+        return PreparedRow(source_index, None, None, problem)
+    try:
+        pixels = image_variants(decode_image(row.get("image")), spec, source_index)
+    # PIL signals a bad file with OSError, SyntaxError, ValueError, struct.error or
+    # DecompressionBombError depending on the format: any of them means "skip this row".
+    except Exception as error:
+        return PreparedRow(source_index, None, None, "unreadable_image", repr(error))
+    return PreparedRow(source_index, pixels, caption)
+
+
+class PreparedRows(torch.utils.data.Dataset):
+    """Rows [start, stop) of a map-style dataset (images not decoded), prepared one by one, so a
+    DataLoader's workers decode and resize while the main process runs the VAE."""
+
+    def __init__(self, rows: Any, start: int, stop: int, spec: PreprocessSpec) -> None:
+        self.rows, self.start, self.stop, self.spec = rows, start, stop, spec
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, offset: int) -> PreparedRow:
+        index = self.start + offset
+        return prepare_row(index, self.rows[index], self.spec)
+
+
+def keep_rows(batch: list[PreparedRow]) -> list[PreparedRow]:
+    """DataLoader collate: the prepared rows as they are (pixels differ in nothing but are
+    stacked later, with the usable rows only)."""
+    return batch
 
 
 @dataclass
 class ShardBuffer:
-    """Encoded samples (on CPU) waiting to be written as one shard starting at `source_start`."""
+    """Encoded samples (on CPU) of one shard, waiting to be written."""
 
-    source_start: int
     means: list[torch.Tensor] = field(default_factory=list)  # each (B, V, C, h, w)
-    stds: list[torch.Tensor] = field(default_factory=list)
+    logvars: list[torch.Tensor] = field(default_factory=list)
     source_indices: list[int] = field(default_factory=list)
     text_slots: list[int] = field(default_factory=list)
-    text_rows: list[torch.Tensor] = field(default_factory=list)  # each (K_new, L, D)
-    slot_of_caption: dict[str, int] = field(default_factory=dict)
+    captions: dict[str, int] = field(default_factory=dict)  # caption -> slot, in first-seen order
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
 
     def __len__(self) -> int:
         return len(self.source_indices)
 
-    def unseen_captions(self, captions: list[str]) -> list[str]:
-        """Captions this shard has no embedding for yet, de-duplicated, in first-seen order."""
-        return list(dict.fromkeys(c for c in captions if c not in self.slot_of_caption))
-
-    def add_captions(self, captions: list[str], embeddings: torch.Tensor) -> None:
-        for caption in captions:
-            self.slot_of_caption[caption] = len(self.slot_of_caption)
-        self.text_rows.append(embeddings)
-
-    def add_samples(
-        self, batch: list[PendingSample], means: torch.Tensor, stds: torch.Tensor
-    ) -> None:
+    def add(self, rows: list[PreparedRow], means: torch.Tensor, logvars: torch.Tensor) -> None:
+        """Usable rows with their encoded posteriors (B, V, C, h, w), in row order."""
         self.means.append(means)
-        self.stds.append(stds)
-        self.source_indices.extend(sample.source_index for sample in batch)
-        self.text_slots.extend(self.slot_of_caption[sample.caption] for sample in batch)
+        self.logvars.append(logvars)
+        for row in rows:
+            self.source_indices.append(row.source_index)
+            self.text_slots.append(self.captions.setdefault(row.caption, len(self.captions)))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "latent_mean": torch.cat(self.means),
-            "latent_std": torch.cat(self.stds),
-            "text_slot": torch.tensor(self.text_slots, dtype=torch.int64),
-            "text_embedding": torch.cat(self.text_rows),
+    def tensors(self, caption_fields: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+        """The shard's tensors; `caption_fields` holds one row per caption, in slot order.
+
+        An empty shard (every row skipped) still has well-formed tensors: it records the skips.
+        """
+        if not self.means:
+            return {"source_index": torch.zeros(0, dtype=torch.int64)}
+        tensors = {
+            "latent_mean": torch.cat(self.means).to(dtype),
+            "latent_logvar": torch.cat(self.logvars).to(dtype),
+            "text_slot": torch.tensor(self.text_slots, dtype=torch.int32),
             "source_index": torch.tensor(self.source_indices, dtype=torch.int64),
         }
+        return tensors | {f"{CAPTION_PREFIX}{k}": v for k, v in caption_fields.items()}

@@ -28,7 +28,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
-from distill.data.encode import encode_captions
+from distill.conditioning import encode_captions
 from distill.errors import UserInputError
 from distill.offline.fashion_mnist import (
     CAPTION_TEMPLATES,

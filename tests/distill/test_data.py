@@ -1,5 +1,6 @@
-"""Data layer: sources, preprocessing, and the latent + text-embedding cache, on tiny seeded real
-models (a (8, 16) AutoencoderKL, a 2-layer CLIP text encoder, the real CLIP tokenizer)."""
+"""Data layer: sources, preprocessing, and the latent cache (posteriors + caption token ids), on
+tiny seeded real models (a (8, 16) AutoencoderKL, a 2-layer CLIP text encoder, the real CLIP
+tokenizer)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from distill.conditioning import TextConditioning
 from distill.data import (
     LatentCache,
     PreprocessSpec,
@@ -32,7 +34,7 @@ from distill.data import (
     sample_latents,
     streaming_fingerprint,
 )
-from distill.data.cache import cache_key_inputs
+from distill.data.build import CacheWaitTimeout, ProcessLayout, cache_key_inputs
 from distill.data.fingerprint import stable_hash
 from distill.data.preprocess import crop_box
 from distill.data.shards import META_FILE, SHARD_GLOB
@@ -56,6 +58,7 @@ ROWS = [
     ("g.png", None, (20, 20)),
 ]
 USABLE = 5
+ROWS_BY_SOURCE = [caption for _, caption, _ in ROWS]
 SKIPPED = {"unreadable_row": 0, "unreadable_image": 1, "missing_caption": 1, "empty_caption": 1}
 
 
@@ -134,11 +137,11 @@ def cache(dataset, models, cache_root) -> LatentCache:
 def build(dataset, models, cache_root, **overrides) -> LatentCache:
     arguments = dict(
         vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
+        conditioning=TextConditioning(models.tokenizer),
         preprocess=SPEC,
         cache_root=cache_root,
         batch_size=2,
+        storage_dtype="float32",
         progress=False,
     )
     return build_latent_cache(dataset, **{**arguments, **overrides})
@@ -166,12 +169,16 @@ def count_encoded(models):
             handle.remove()
 
 
-def reference_text_embedding(models, caption: str) -> torch.Tensor:
+def reference_ids(models, caption: str) -> torch.Tensor:
     tokens = models.tokenizer(
         caption, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     )
+    return tokens.input_ids[0]
+
+
+def reference_text_embedding(models, caption: str) -> torch.Tensor:
     with torch.no_grad():
-        return models.text_encoder(tokens.input_ids).last_hidden_state[0]
+        return models.text_encoder(reference_ids(models, caption)[None]).last_hidden_state[0]
 
 
 # ----------------------------------------------------------------------------- sources
@@ -303,42 +310,53 @@ def test_cached_posterior_equals_direct_vae_encode_for_both_flips(cache, dataset
         original, flipped = cache.item(index, 0), cache.item(index, 1)
         # The flipped image is encoded on its own: its latents are not the mirrored latents.
         assert not torch.allclose(flipped["latent_mean"], original["latent_mean"].flip(-1))
-        torch.testing.assert_close(
-            original["text_embedding"], reference_text_embedding(models, row["text"])
-        )
+        assert torch.equal(original["input_ids"].long(), reference_ids(models, row["text"]))
 
 
-def test_empty_prompt_embedding_is_stored_once(cache, models):
-    assert cache.empty_text_embedding.shape == (77, 32)
-    torch.testing.assert_close(cache.empty_text_embedding, reference_text_embedding(models, ""))
+def test_the_step_encodes_the_cached_ids_into_the_pipelines_text_embeddings(cache, models):
+    conditioning = TextConditioning(models.tokenizer, models.text_encoder)
+    batch = cache.batch([(0, 0), (1, 0)])
+    hidden = conditioning.encode(batch.conditioning)["encoder_hidden_states"]  # (2, 77, 32)
+    captions = [ROWS_BY_SOURCE[int(cache.item(i)["source_index"])] for i in (0, 1)]
+    for row, caption in enumerate(captions):
+        torch.testing.assert_close(hidden[row], reference_text_embedding(models, caption))
+
+
+def test_empty_prompt_ids_are_stored_once(cache, models):
+    empty = cache.empty_conditioning["input_ids"]
+    assert empty.shape == (77,) and torch.equal(empty.long(), reference_ids(models, ""))
 
 
 def test_repeated_captions_are_stored_once_per_shard(cache):
     with safe_open(str(next(cache.folder.glob(SHARD_GLOB))), framework="pt") as shard:
         assert shard.get_slice("text_slot").get_shape() == [USABLE]
-        assert shard.get_slice("text_embedding").get_shape() == [USABLE - 1, 77, 32]
+        assert shard.get_slice("caption.input_ids").get_shape() == [USABLE - 1, 77]
 
 
 def test_second_build_reuses_the_cache_without_encoding(cache, dataset, models, cache_root):
     mtimes = {path: path.stat().st_mtime_ns for path in cache.folder.iterdir()}
     with count_encoded(models) as counts:
         again = build(dataset, models, cache_root)
-    assert counts == {"images": 0, "captions": 0}
+    assert counts == {"images": 0, "captions": 0}  # the text encoder never runs for a cache
     assert again.folder == cache.folder
     assert {path: path.stat().st_mtime_ns for path in cache.folder.iterdir()} == mtimes
 
 
 def test_cache_key_follows_vae_weights_not_object_identity(dataset, models):
-    def key(vae, preprocess=SPEC):
+    def key(vae, preprocess=SPEC, dtype="float32", text_encoder=None):
         inputs = cache_key_inputs(
             dataset_fingerprint=dataset._fingerprint,
             vae=vae,
-            text_encoder=models.text_encoder,
-            tokenizer=models.tokenizer,
+            conditioning=TextConditioning(models.tokenizer, text_encoder),
             preprocess=preprocess,
-            dtype=torch.float32,
+            storage_dtype=dtype,
+            rows_per_shard=1024,
         )
         return stable_hash(inputs)
+
+    assert key(models.vae, dtype="float16") != key(models.vae)
+    # Only the tokenizer decides the cached ids: another text encoder shares the cache.
+    assert key(models.vae, text_encoder=models.text_encoder) == key(models.vae)
 
     perturbed = copy.deepcopy(models.vae)
     with torch.no_grad():
@@ -357,48 +375,54 @@ def test_changed_vae_builds_a_separate_cache(cache, dataset, models, cache_root)
     assert not torch.allclose(other.item(0)["latent_mean"], cache.item(0)["latent_mean"])
 
 
-def test_interrupted_build_resumes_after_the_last_complete_shard(dataset, models, tmp_path):
-    first = build(dataset, models, tmp_path, shard_size=2)
+def test_interrupted_build_keeps_every_finished_shard(dataset, models, tmp_path):
+    first = build(dataset, models, tmp_path, rows_per_shard=2)
     shards = sorted(first.folder.glob(SHARD_GLOB))
-    assert len(shards) == 3  # rows [0, 2), [2, 5) incl. the broken file, [5, 8) incl. 2 captions
+    assert len(shards) == 4  # rows [0, 2), [2, 4) with the broken file, [4, 6), [6, 8): no caption
     expected = [first.item(i, 1) for i in range(len(first))]
-    # Simulate a crash before the last shard and meta.json were written.
+    # Simulate a crash that left shard 2 unwritten, and meta.json.
     (first.folder / META_FILE).unlink()
-    shards[-1].unlink()
+    shards[2].unlink()
     with pytest.raises(UserInputError, match="no complete latent cache"):
         LatentCache(first.folder)
     with count_encoded(models) as counts:
-        resumed = build(dataset, models, tmp_path, shard_size=2)
-    assert counts["images"] == 2  # only e.png, both flips
+        resumed = build(dataset, models, tmp_path, rows_per_shard=2)
+    assert counts["images"] == 4  # only d.png and e.png, both flips
     assert resumed.skipped == SKIPPED and len(resumed) == USABLE
     for index, item in enumerate(expected):
         torch.testing.assert_close(resumed.item(index, 1), item)
 
 
-def test_only_the_main_process_encodes(dataset, models, tmp_path):
-    @contextmanager
-    def main_process_first():
-        yield
-
-    # The two members of accelerate's Accelerator that the builder uses.
-    worker = SimpleNamespace(is_main_process=False, main_process_first=main_process_first)
-    with pytest.raises(UserInputError, match="no complete latent cache"):
-        build(dataset, models, tmp_path, accelerator=worker)  # nothing built: it must not encode
-    main = SimpleNamespace(is_main_process=True, main_process_first=main_process_first)
-    built = build(dataset, models, tmp_path, accelerator=main)
+def test_two_processes_build_the_same_cache_to_the_byte_as_one(dataset, models, tmp_path):
+    """Each process encodes the shards k with k mod W = its rank; process 0 writes meta.json
+    once it sees every process's marker. Run here one after the other, rank 1 first: it finds
+    no meta.json within its timeout, then picks up the finished cache."""
+    single = build(dataset, models, tmp_path / "one", rows_per_shard=2)
+    layouts = [ProcessLayout(rank, 2) for rank in (0, 1)]
+    with pytest.raises(CacheWaitTimeout, match="meta.json"):
+        build(
+            dataset, models, tmp_path / "two", rows_per_shard=2, layout=layouts[1], wait_timeout=0.1
+        )
     with count_encoded(models) as counts:
-        assert build(dataset, models, tmp_path, accelerator=worker).folder == built.folder
-    assert counts["images"] == 0
+        double = build(dataset, models, tmp_path / "two", rows_per_shard=2, layout=layouts[0])
+    assert counts["images"] == 8  # rank 0's shards 0 and 2 only: a, b, d, e, both flips
+    assert (
+        build(dataset, models, tmp_path / "two", rows_per_shard=2, layout=layouts[1]).folder
+        == double.folder
+    )
+    data_files = lambda folder: {  # noqa: E731
+        p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith("done-")
+    }
+    assert data_files(double.folder) == data_files(single.folder)
 
 
-def test_lazy_and_preloaded_reads_agree_and_batch(cache):
-    lazy = LatentCache(cache.folder, preload=False)
-    for index in range(len(cache)):
-        torch.testing.assert_close(lazy.item(index, 1), cache.item(index, 1))
-    pickle.loads(pickle.dumps(lazy))  # open shard handles must not stop DataLoader workers
-    batch = next(iter(torch.utils.data.DataLoader(lazy, batch_size=4)))
-    assert batch["latent_mean"].shape == (4, 4, 8, 8)
-    assert batch["text_embedding"].shape == (4, 77, 32)
+def test_reads_pickle_into_dataloader_workers_and_batch(cache):
+    pickle.loads(pickle.dumps(cache))  # open shard handles must not stop DataLoader workers
+    batch = next(iter(torch.utils.data.DataLoader(cache, batch_size=4)))
+    assert (
+        batch["latent_mean"].shape == (4, 4, 8, 8) and batch["latent_mean"].dtype == torch.float32
+    )
+    assert batch["input_ids"].shape == (4, 77)
 
 
 def test_flip_choice_is_a_fair_pure_function_of_seed_epoch_index(cache):
@@ -428,9 +452,19 @@ def test_sample_latents_equals_diffusers_posterior_sample():
     torch.testing.assert_close(shifted, (expected / 0.18215 - 0.1) * 0.5)
 
 
-def test_dtype_mismatch_raises_instead_of_casting(dataset, models, tmp_path):
-    with pytest.raises(ValueError, match="vae weights are torch.float32 but dtype=torch.float16"):
-        build(dataset, models, tmp_path, dtype=torch.float16)
+def test_a_16_bit_cache_holds_the_32_bit_posterior_to_16_bit_precision(
+    cache, dataset, models, tmp_path
+):
+    half = build(dataset, models, tmp_path, storage_dtype="float16")
+    assert half.folder != cache.folder and len(half) == len(cache)
+    for index in range(len(cache)):
+        exact, stored = cache.item(index, 1), half.item(index, 1)
+        torch.testing.assert_close(
+            stored["latent_mean"], exact["latent_mean"], rtol=1e-3, atol=1e-3
+        )
+        torch.testing.assert_close(stored["latent_std"], exact["latent_std"], rtol=5e-3, atol=1e-6)
+        assert torch.equal(stored["input_ids"], exact["input_ids"])
+    assert half.meta["bytes"] < 0.75 * cache.meta["bytes"]
 
 
 # ----------------------------------------------------------------------------- webdataset
@@ -535,11 +569,9 @@ def test_corrupt_entries_are_each_skipped_and_counted_and_odd_images_are_used(
     assert [Path(row["image"].filename).stem for row in used] == FAULTY_USED
     captions = {Path(row["image"].filename).stem: row["text"] for row in used}
     assert captions["number"] == "3" and captions["list"] == '["a", 1]'  # numbers are text
-    # The numeric caption was encoded as the text "3".
+    # The numeric caption was tokenized as the text "3".
     number = FAULTY_USED.index("number")
-    torch.testing.assert_close(
-        cache.item(number)["text_embedding"], reference_text_embedding(models, "3")
-    )
+    assert torch.equal(cache.item(number)["input_ids"].long(), reference_ids(models, "3"))
 
 
 def test_a_16_bit_image_is_scaled_not_clipped_and_cmyk_becomes_rgb(faulty_folder):

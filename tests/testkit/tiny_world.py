@@ -58,6 +58,7 @@ def tiny_recipe(tmp_path: Path, teachers: dict[str, Path], **training) -> dict:
             "random_flip": True,
             "cache_dir": str(tmp_path / "cache"),
             "encode_batch_size": 12,
+            "encode_workers": 0,  # 12 rows: a worker process would cost more than it saves
         },
         "training": {
             "checkpoint_every": 2,
