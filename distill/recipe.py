@@ -82,6 +82,8 @@ class TrainingSpec(_Strict):
     validation_steps: Annotated[int, Field(gt=0)] = 25
     validation_guidance: Annotated[float, Field(ge=1.0)] = 5.0
     max_consecutive_nonfinite: Annotated[int, Field(gt=0)] = 5
+    # DataLoader workers reading the cache ahead of the step; None: min(4, CPUs - 1).
+    data_workers: Annotated[int, Field(ge=0)] | None = None
 
 
 class StageSpec(_Strict):

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -30,6 +31,7 @@ from distill.data import (
     streaming_fingerprint,
 )
 from distill.data.build import ProcessLayout
+from distill.data.loader import MicroBatches, micro_batches
 from distill.errors import UserInputError
 from distill.losses import Loss, build_losses
 from distill.paths import default_cache_root
@@ -71,6 +73,8 @@ class StageContext:
     last_terms: dict[str, float] = field(default_factory=dict)
     last_total: float | None = None
     grad_norm: float = float("nan")
+    batches: Iterator[dict[str, Any]] = iter(())  # this process's micro-batches from start_step
+    data_wait_s: float = 0.0  # time the last optimizer step waited for its data
 
 
 class StageBuilder:
@@ -171,6 +175,20 @@ class StageBuilder:
             ema.to(accelerator.device)
         for loss in losses:
             loss.to(accelerator.device)
+        order = EpochOrder(len(cache), recipe.seed, index)
+        accumulation = spec.gradient_accumulation
+        stream = MicroBatches(
+            cache,
+            order,
+            batch_size=spec.batch_size,
+            world_size=accelerator.num_processes,
+            rank=accelerator.process_index,
+            first=start_step * accumulation,
+            count=(spec.steps - start_step) * accumulation,
+        )
+        workers = recipe.training.data_workers
+        if workers is None:
+            workers = min(4, max(0, (os.cpu_count() or 1) - 1))
         return StageContext(
             index=index,
             spec=spec,
@@ -178,7 +196,7 @@ class StageBuilder:
             teacher=teacher,
             cache=cache,
             conditioning=stage_conditioning(components, accelerator.device),
-            order=EpochOrder(len(cache), recipe.seed, index),
+            order=order,
             noise_scheduler=components.training_scheduler(),
             student=student,
             optimizer=optimizer,
@@ -187,6 +205,9 @@ class StageBuilder:
             losses=losses,
             start_step=start_step,
             nonfinite_skipped=nonfinite,
+            batches=micro_batches(
+                stream, workers=workers, pin_memory=accelerator.device.type == "cuda"
+            ),
         )
 
     def initial_student(self, index: int) -> UNet2DConditionModel:

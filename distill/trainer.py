@@ -173,6 +173,7 @@ class DistillationTrainer:
                     it_per_s=its,
                     nonfinite_skipped=ctx.nonfinite_skipped,
                     grad_norm=ctx.grad_norm,
+                    data_wait_s=ctx.data_wait_s,
                 )
             if due(done, training.checkpoint_every, spec.steps):
                 self._save_checkpoint(ctx, done)
@@ -193,16 +194,19 @@ class DistillationTrainer:
         ctx.student.train()
         sums: dict[str, torch.Tensor] = {}
         total_sum = torch.zeros((), device=accelerator.device)
+        ctx.data_wait_s = 0.0
         for micro in range(accumulation):
             with ExitStack() as stack:
                 if micro < accumulation - 1:
                     stack.enter_context(accelerator.no_sync(ctx.student))
-                total, terms = self._loss_step(ctx, step, micro)
+                total, terms = self._loss_step(ctx)
                 # Every process must agree before backward, or DDP's all-reduce would hang.
                 finite = torch.tensor(
                     [float(torch.isfinite(total).item())], device=accelerator.device
                 )
                 if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
+                    for _ in range(accumulation - micro - 1):  # keep the stream on step
+                        next(ctx.batches)
                     return self._skip_step(ctx, step)
                 accelerator.backward(total / accumulation)
             for name, value in terms.items():
@@ -237,32 +241,25 @@ class DistillationTrainer:
                 "learning rate or use bf16 instead of fp16)"
             )
 
-    def _loss_step(
-        self, ctx: StageContext, step: int, micro: int
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of one micro-batch: this process's samples, noised, through both models."""
-        accelerator = self.accelerator
-        samples = ctx.order.batch(
-            step * ctx.spec.gradient_accumulation + micro,
-            ctx.spec.batch_size,
-            accelerator.num_processes,
-            accelerator.process_index,
-        )
-        cached = ctx.cache.batch([(s.index, s.epoch) for s in samples])
+    def _loss_step(self, ctx: StageContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of the next micro-batch: this process's samples, noised, through both models."""
+        waited = time.perf_counter()
+        loaded = next(ctx.batches)  # read ahead by the loader's workers
+        ctx.data_wait_s += time.perf_counter() - waited
         batch = noise_batch(
-            cached.latent_mean,
-            cached.latent_std,
-            cached.conditioning,
+            loaded["latent_mean"],
+            loaded["latent_std"],
+            loaded["conditioning"],
             ctx.cache.empty_conditioning,
-            [sample_generator(self.recipe.seed, ctx.index, s.position) for s in samples],
+            [sample_generator(self.recipe.seed, ctx.index, int(p)) for p in loaded["positions"]],
             scheduler=ctx.noise_scheduler,
             scaling_factor=ctx.cache.scaling_factor,
             shift_factor=ctx.cache.shift_factor,
             uncond_prob=self.recipe.training.uncond_prob,
-            device=accelerator.device,
+            device=self.accelerator.device,
         )
         batch = replace(batch, conditioning=ctx.conditioning.encode(batch.conditioning))
-        with accelerator.autocast():
+        with self.accelerator.autocast():
             total, terms = distillation_losses(ctx.student, ctx.teacher, batch, ctx.losses)
         return total, {name: term.detach() for name, term in terms.items()}
 

@@ -267,3 +267,16 @@ def test_the_stage_student_is_the_ema_of_the_raw_weights_by_diffusers_decay_sche
         torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
     moved = [key for key in final if not torch.allclose(final[key], raw_weights[4][key])]
     assert len(moved) > len(final) // 2  # the EMA is really not the raw weights
+
+
+def test_reading_the_cache_in_loader_workers_changes_nothing(teachers, tmp_path: Path) -> None:
+    weights = {}
+    for workers in (0, 2):
+        raw = _one_stage(tmp_path / f"w{workers}", teachers, {"task": {}, "output_kd": {}})
+        raw["stages"][0]["gradient_accumulation"] = 2
+        raw["training"]["data_workers"] = workers
+        run = _train(raw).run_dir
+        weights[workers] = _stage_weights(run, "01-only")
+        records = _records(run)
+        assert all(record["data_wait_s"] >= 0 for record in records)  # logged every step
+    assert all(torch.equal(weights[0][key], weights[2][key]) for key in weights[0])

@@ -64,6 +64,7 @@ def tiny_recipe(tmp_path: Path, teachers: dict[str, Path], **training) -> dict:
             "checkpoint_every": 2,
             "keep_last": 2,
             "log_every": 1,
+            "data_workers": 0,  # 4-sample batches: a worker process costs more than it saves
             "ema": {"enabled": True, "decay": 0.9},
             **training,
         },
