@@ -12,13 +12,13 @@ EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from distill.commands import evaluate, export, run, student
+    from distill.commands import cache, evaluate, export, run, student
 
     parser = argparse.ArgumentParser(
         prog="distill", description="Distill a Stable Diffusion teacher into a compact student."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for command in (student, run, evaluate, export):
+    for command in (student, run, cache, evaluate, export):
         command.add_parser(subparsers)
     return parser
 

@@ -184,6 +184,7 @@ def build_latent_cache(
     folder = Path(cache_root) / f"latents-{key}"
     built = read_meta(folder) is None
     rank, world = layout.rank, layout.world
+    started = time.monotonic()
     if built:
         folder.mkdir(parents=True, exist_ok=True)
         check_shared_folder(
@@ -207,7 +208,7 @@ def build_latent_cache(
             _wait_for(lambda: read_meta(folder) is not None, wait_timeout, f"{folder}/{META_FILE}")
     cache = LatentCache(folder, seed=seed)
     if built and rank == 0:
-        _report(cache)
+        _report(cache, time.monotonic() - started, world)
     return cache
 
 
@@ -408,14 +409,15 @@ def _write_meta(
     )
 
 
-def _report(cache: LatentCache) -> None:
-    """One line when a build ends: pairs, bytes per pair, and every skip reason counted."""
+def _report(cache: LatentCache, seconds: float, world: int) -> None:
+    """One line when a build ends: pairs, skips by reason, bytes per pair, images per second."""
     meta = cache.meta
     skipped = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in meta["skipped"].items() if n)
     print(
-        f"latent cache {cache.folder.name}: {meta['count']} pairs, "
-        f"{cache.bytes_per_pair / 1024:.1f} KB per pair ({meta['storage_dtype']}), "
-        f"skipped: {skipped or 'none'}",
+        f"latent cache {cache.folder.name}: {meta['count']} pairs from {meta['source_rows']} "
+        f"rows (skipped: {skipped or 'none'}), {cache.bytes_per_pair / 1024:.1f} KB per pair "
+        f"({meta['storage_dtype']}), {meta['source_rows'] / max(seconds, 1e-9):.1f} images/s "
+        f"with {world} process{'es' if world > 1 else ''}",
         flush=True,
     )
 

@@ -1,0 +1,49 @@
+"""`distill cache RECIPE [key.sub=value ...]`: build (or complete) a recipe's latent caches.
+
+The caches the stages train on, without training: on CPU nodes before GPU time starts, or as a
+job of its own. With several processes (`accelerate launch ... -m distill.cli cache RECIPE`)
+each encodes its own shards. A cache already complete is reused; one interrupted is completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distill.recipe import load_recipe, resolve_paths
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "cache",
+        help="build a recipe's latent caches without training",
+        description="Encode the recipe's data with each stage teacher's VAE and tokenizer, once "
+        "per distinct cache. Prints pairs, skipped rows, bytes per pair and images/s.",
+    )
+    parser.add_argument("recipe", type=Path, help="YAML recipe (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from distill.stage import open_cache
+    from distill.teacher import load_pipeline_components
+
+    recipe = resolve_paths(load_recipe(args.recipe, args.overrides), args.recipe.parent)
+    accelerator = Accelerator()
+    sources = dict.fromkeys(stage.teacher or recipe.student.init_from for stage in recipe.stages)
+    for key in sources:  # stages with one teacher share its cache
+        components = load_pipeline_components(recipe.teachers[key])
+        cache = open_cache(
+            recipe.data, components, accelerator, seed=recipe.seed, progress=not args.no_progress
+        )
+        if accelerator.is_main_process:
+            skipped = sum(cache.skipped.values())
+            print(
+                f"teacher {key}: {cache.folder} holds {len(cache)} pairs "
+                f"({skipped} rows skipped), {cache.bytes_per_pair / 1024:.1f} KB per pair"
+            )
+    return 0
