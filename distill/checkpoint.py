@@ -25,9 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
+from distill.distributed_state import (
+    full_tensors,
+    like,
+    load_optimizer_state,
+    load_student_state,
+    optimizer_state,
+    student_state,
+)
 from distill.errors import UserInputError
 
 _NAME = re.compile(r"^stage(\d{2})-step(\d{7})$")
@@ -172,42 +182,66 @@ def save_training_checkpoint(
     root: Path,
     state: TrainingState,
     *,
+    accelerator: Accelerator,
     student: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     ema: EMAModel | None,
-    scaler: torch.amp.GradScaler | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """`save_checkpoint` for the objects one stage trains with (`student` unwrapped).
+    """`save_checkpoint` for the objects one stage trains with (the prepared student).
 
-    The EMA's shadow weights go to ema.safetensors as tensors "0", "1", ... in parameter order;
-    its counters (step, decay settings) and the fp16 GradScaler's state (scale, growth tracker)
-    go to optimizer.pt beside the optimizer's state. Weights that are not all finite are never
-    written (NonFiniteWeights): the last checkpoint on disk stays the last good one.
+    Collective: every process calls it (an FSDP student is gathered shard by shard), the main
+    process writes. The EMA's shadow weights go to ema.safetensors as tensors "0", "1", ... in
+    parameter order; its counters and the fp16 GradScaler's state (scale, growth tracker) go to
+    optimizer.pt beside the optimizer's. Weights that are not all finite are never written
+    (NonFiniteWeights, raised on every process): the last checkpoint on disk stays the last good
+    one.
     """
-    student_tensors = student.state_dict()
+    bad = _first_nonfinite(student, ema)
+    if accelerator.reduce(
+        torch.tensor([float(bad is not None)], device=accelerator.device), reduction="sum"
+    ).item():
+        raise NonFiniteWeights(
+            f"{bad or 'a tensor on another process'} is not finite; checkpoint not written"
+        )
+    student_tensors = student_state(accelerator, student)
+    optimizer_tensors = optimizer_state(optimizer)
     ema_tensors, ema_state = None, None
     if ema is not None:
         ema_state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-        ema_tensors = {f"{i}": p for i, p in enumerate(ema.shadow_params)}
-    for name, tensors in (("student", student_tensors), ("EMA", ema_tensors or {})):
-        bad = next((key for key, t in tensors.items() if not torch.isfinite(t).all()), None)
-        if bad is not None:
-            raise NonFiniteWeights(f"{name} tensor {bad} is not finite; checkpoint not written")
-    return save_checkpoint(
-        root,
-        state,
-        student=student_tensors,
-        ema=ema_tensors,
-        optimizer={
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "ema": ema_state,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-        },
-        keep_last=keep_last,
-    )
+        ema_tensors = {f"{i}": p for i, p in enumerate(full_tensors(ema.shadow_params))}
+    final = root / checkpoint_name(state.stage_index, state.step)
+    if accelerator.is_main_process:
+        scaler = accelerator.scaler
+        final = save_checkpoint(
+            root,
+            state,
+            student=student_tensors,
+            ema=ema_tensors,
+            optimizer={
+                "optimizer": optimizer_tensors,
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "ema": ema_state,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            },
+            keep_last=keep_last,
+        )
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _first_nonfinite(student: torch.nn.Module, ema: EMAModel | None) -> str | None:
+    """The first student or EMA tensor (this process's part of it) holding NaN/Inf."""
+    for name, tensor in student.named_parameters():
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if not torch.isfinite(local).all():
+            return f"student tensor {name.removeprefix('module.')}"
+    for index, tensor in enumerate(ema.shadow_params if ema is not None else []):
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if not torch.isfinite(local).all():
+            return f"EMA tensor {index}"
+    return None
 
 
 class NonFiniteWeights(RuntimeError):
@@ -217,24 +251,24 @@ class NonFiniteWeights(RuntimeError):
 def restore_training_checkpoint(
     checkpoint: Checkpoint,
     *,
+    accelerator: Accelerator,
     student: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     ema: EMAModel | None,
-    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Load what `save_training_checkpoint` wrote into the (unprepared) training objects."""
-    student.load_state_dict(checkpoint.load_student())
+    """Load what `save_training_checkpoint` wrote into the prepared training objects (every
+    process reads the checkpoint and takes its part)."""
     state = checkpoint.load_optimizer()
-    optimizer.load_state_dict(state["optimizer"])
+    load_student_state(accelerator, student, checkpoint.load_student())
+    load_optimizer_state(optimizer, state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
     if ema is None:
         return
     shadow = checkpoint.load_ema()
     if shadow is None or state.get("ema") is None:
         raise UserInputError(f"checkpoint {checkpoint.path} has no EMA weights; EMA is on")
-    ema.load_state_dict(
-        state["ema"] | {"shadow_params": [shadow[f"{i}"] for i in range(len(shadow))]}
-    )
+    shadows = [like(template, shadow[f"{i}"]) for i, template in enumerate(ema.shadow_params)]
+    ema.load_state_dict(state["ema"] | {"shadow_params": shadows})

@@ -32,12 +32,14 @@ from distill.data import (
 )
 from distill.data.build import ProcessLayout
 from distill.data.loader import MicroBatches, micro_batches
+from distill.distributed_state import full_tensors, student_state
 from distill.errors import UserInputError
 from distill.losses import Loss, build_losses
 from distill.paths import default_cache_root
 from distill.provenance import RunProvenance, teacher_fingerprint
 from distill.recipe import DataSpec, Recipe, StageSpec, TrainingSpec
 from distill.step_randomness import EpochOrder
+from distill.taps import unwrap_model
 from distill.teacher import (
     FrozenTeacher,
     PipelineComponents,
@@ -151,28 +153,27 @@ class StageBuilder:
             num_warmup_steps=spec.warmup_steps,
             num_training_steps=spec.steps,
         )
+        student, optimizer = accelerator.prepare(student, optimizer)
         ema = None
-        if recipe.training.ema.enabled:
+        if recipe.training.ema.enabled:  # from the prepared parameters: sharded under FSDP
             ema = EMAModel(
-                student.parameters(),
+                unwrap_model(student).parameters(),
                 decay=recipe.training.ema.decay,
                 model_cls=UNet2DConditionModel,
-                model_config=student.config,
+                model_config=unwrap_model(student).config,
             )
+            ema.to(accelerator.device)
         start_step, nonfinite = 0, 0
         if checkpoint is not None:
             restore_training_checkpoint(
                 checkpoint,
+                accelerator=accelerator,
                 student=student,
                 optimizer=optimizer,
                 lr_scheduler=lr_scheduler,
                 ema=ema,
-                scaler=accelerator.scaler,
             )
             start_step, nonfinite = checkpoint.state.step, checkpoint.state.nonfinite_skipped
-        student, optimizer = accelerator.prepare(student, optimizer)
-        if ema is not None:
-            ema.to(accelerator.device)
         for loss in losses:
             loss.to(accelerator.device)
         order = EpochOrder(len(cache), recipe.seed, index)
@@ -291,24 +292,39 @@ def make_optimizer(
     return torch.optim.AdamW(student.parameters(), fused=True, **kwargs)
 
 
-def final_student(ctx: StageContext, accelerator: Accelerator) -> UNet2DConditionModel:
-    """The stage's result: a copy of the student carrying the EMA weights when EMA is on."""
-    student = accelerator.unwrap_model(ctx.student)
-    final = UNet2DConditionModel.from_config(student.config)
-    final.load_state_dict(student.state_dict())
-    if ctx.ema is not None:
-        ctx.ema.copy_to(final.parameters())
+def final_student(ctx: StageContext, accelerator: Accelerator) -> UNet2DConditionModel | None:
+    """The stage's result: a whole copy of the student with the EMA weights when EMA is on.
+
+    Collective (an FSDP student is gathered): every process calls it; the main process gets the
+    model, the others None.
+    """
+    state = student_state(accelerator, ctx.student)
+    shadows = full_tensors(ctx.ema.shadow_params) if ctx.ema is not None else None
+    if not accelerator.is_main_process:
+        return None
+    config = unwrap_model(ctx.student).config
+    final = UNet2DConditionModel.from_config(config)
+    final.load_state_dict(state)
+    if shadows is not None:  # EMAModel.copy_to: shadow i -> parameter i, in parameter order
+        with torch.no_grad():
+            for parameter, shadow in zip(final.parameters(), shadows, strict=True):
+                parameter.copy_(shadow.to(parameter.device, parameter.dtype))
     return final.eval()
 
 
 def save_stage_grid(
-    ctx: StageContext, accelerator: Accelerator, training: TrainingSpec, seed: int, path: Path
+    ctx: StageContext,
+    student: UNet2DConditionModel,
+    accelerator: Accelerator,
+    training: TrainingSpec,
+    seed: int,
+    path: Path,
 ) -> Path:
     """A sample grid: the stage teacher's row above the student's, same prompts and seeds."""
     rows = {}
     if ctx.teacher is not None:
         rows[f"teacher {ctx.spec.teacher}"] = ctx.components.with_unet(ctx.teacher.unet)
-    rows["student"] = ctx.components.with_unet(final_student(ctx, accelerator))
+    rows["student"] = ctx.components.with_unet(student)
     with accelerator.autocast():  # a bf16 teacher beside fp32 VAE and text encoder
         return save_validation_grid(
             rows,

@@ -265,30 +265,27 @@ class DistillationTrainer:
 
     def _save_checkpoint(self, ctx: StageContext, step: int) -> None:
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            try:
-                save_training_checkpoint(
-                    self.checkpoint_dir,
-                    TrainingState(ctx.index, ctx.spec.name, step, ctx.nonfinite_skipped),
-                    student=self.accelerator.unwrap_model(ctx.student),
-                    optimizer=ctx.optimizer,
-                    lr_scheduler=ctx.lr_scheduler,
-                    ema=ctx.ema,
-                    scaler=self.accelerator.scaler,
-                    keep_last=self.recipe.training.keep_last,
-                )
-            except NonFiniteWeights as error:
-                raise TrainingStopped(f"stage {ctx.spec.name!r}, step {step}: {error}") from None
-        self.accelerator.wait_for_everyone()
+        try:  # every process: an FSDP student is gathered from all of them
+            save_training_checkpoint(
+                self.checkpoint_dir,
+                TrainingState(ctx.index, ctx.spec.name, step, ctx.nonfinite_skipped),
+                accelerator=self.accelerator,
+                student=ctx.student,
+                optimizer=ctx.optimizer,
+                lr_scheduler=ctx.lr_scheduler,
+                ema=ctx.ema,
+                keep_last=self.recipe.training.keep_last,
+            )
+        except NonFiniteWeights as error:
+            raise TrainingStopped(f"stage {ctx.spec.name!r}, step {step}: {error}") from None
 
     def _finish_stage(self, ctx: StageContext) -> None:
         self._save_checkpoint(ctx, ctx.spec.steps)
-        if self.accelerator.is_main_process:
+        final = final_student(ctx, self.accelerator)  # every process; the main one gets it
+        if final is not None:
             with atomic_folder(self.stage_dir(ctx.index) / "unet") as folder:
-                final_student(ctx, self.accelerator).save_pretrained(
-                    folder, safe_serialization=True
-                )
-        self._validate(ctx, ctx.spec.steps)
+                final.save_pretrained(folder, safe_serialization=True)
+        self._validate(ctx, ctx.spec.steps, final)
         self.accelerator.wait_for_everyone()
 
     def _save_final_pipeline(self) -> Path:
@@ -303,11 +300,18 @@ class DistillationTrainer:
         self.accelerator.wait_for_everyone()
         return out
 
-    def _validate(self, ctx: StageContext, step: int) -> None:
-        if self.recipe.training.validation_prompts and self.accelerator.is_main_process:
+    def _validate(
+        self, ctx: StageContext, step: int, student: UNet2DConditionModel | None = None
+    ) -> None:
+        """A sample grid (the main process draws it; the student is gathered by all)."""
+        if not self.recipe.training.validation_prompts:
+            return
+        student = student or final_student(ctx, self.accelerator)
+        if student is not None:
             name = f"{ctx.index + 1:02d}-{ctx.spec.name}-step{step:07d}.png"
             save_stage_grid(
                 ctx,
+                student,
                 self.accelerator,
                 self.recipe.training,
                 self.recipe.seed,

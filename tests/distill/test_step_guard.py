@@ -131,7 +131,10 @@ def test_weights_that_are_not_finite_are_never_checkpointed(tmp_path: Path) -> N
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    kwargs = dict(student=model, optimizer=optimizer, lr_scheduler=schedule, ema=None)
+    kwargs = dict(
+        accelerator=_accelerator("no"), student=model, optimizer=optimizer, lr_scheduler=schedule
+    )
+    kwargs["ema"] = None
     save_training_checkpoint(tmp_path, TrainingState(0, "s", 1), **kwargs)
     with torch.no_grad():
         model.bias[1] = float("inf")
