@@ -12,6 +12,12 @@ from other extractors or resizers are not comparable).
 A reference is an image folder, a `datasets.Dataset` with an image column, or such an `.npz`.
 Statistics of a folder or dataset are cached under `$SD_DISTILL_CACHE/fid-stats/`, keyed by the
 content of the reference, the Inception weights and the resize option.
+
+The generated set's features are kept (n × 2048 float32: 245 MB at 30K), so every FID carries an
+interval from resampling them (half-samples, `eval.fid_bootstrap`) and the FID between two
+generated sets (the student's and the teacher's) can be resampled in pairs. Below 2048 images
+the distance itself is computed exactly through n×n matrices (`eval.fid_bootstrap`), equal to
+torchmetrics' `_compute_fid` and cheaper (0.2 s against 3.8 s at n = 500, one core).
 """
 
 from __future__ import annotations
@@ -31,12 +37,23 @@ from tqdm.auto import tqdm
 
 from distill.errors import UserInputError
 from distill.offline.tokenizer import default_cache_dir
+from eval.fid_bootstrap import (
+    DEFAULT_RESAMPLES,
+    MIN_ROWS,
+    BootstrapResult,
+    PairedFID,
+    ReferenceFID,
+    bootstrap,
+)
 from eval.image_io import list_images, uint8_batches
-from eval.inception import load_inception, resolve_inception_weights, weights_digest
+from eval.inception import FEATURE_DIM, load_inception, resolve_inception_weights, weights_digest
 from eval.results import MetricResult, MetricUnavailable
 
 # Changes whenever the preprocessing in front of the network changes (it is part of the cache key).
 PREPROCESSING_ID = "rgb-uint8/tf1-bilinear-299/pool3-2048"
+# A bootstrap of n images costs ~10 ms per resample at n = 500 and grows as n³ (an n×n
+# eigenproblem): above this many images the interval comes from a seeded subsample.
+DEFAULT_MAX_BOOTSTRAP_IMAGES = 1000
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,13 @@ class FIDStatistics:
         with open(path, "wb") as handle:  # an open handle stops numpy from appending ".npz"
             np.savez(handle, mu=self.mu, sigma=self.sigma, **extra)
         return path
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor) -> FIDStatistics:
+        """Moments of (n, D) features, accumulated in float64."""
+        accumulator = MomentAccumulator()
+        accumulator.update(features)
+        return accumulator.statistics()
 
     @classmethod
     def load(cls, path: str | Path) -> FIDStatistics:
@@ -124,6 +148,120 @@ def image_statistics(
     return accumulator.statistics()
 
 
+def image_features(
+    images: Sequence[str | Path | Image.Image],
+    inception: NoTrainInceptionV3,
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "Inception features",
+) -> torch.Tensor:
+    """Pool3 features of `images`, (n, 2048) float32 on the CPU, in the order given."""
+    chunks = []
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
+    with torch.inference_mode():
+        for batch in uint8_batches(images, batch_size):  # (B, 3, H, W) uint8
+            chunks.append(inception(batch.to(device)).to("cpu", torch.float32))  # (B, 2048)
+            bar.update(len(batch))
+    bar.close()
+    return torch.cat(chunks) if chunks else torch.zeros(0, FEATURE_DIM)
+
+
+@dataclass(frozen=True)
+class FIDScore:
+    """An FID point value on `n` images and, when asked for, its bootstrap."""
+
+    value: float
+    n: int
+    bootstrap: BootstrapResult | None = None
+
+    def metric(self, detail: str) -> MetricResult:
+        if self.bootstrap is None:
+            return MetricResult(value=self.value, n=self.n, detail=detail)
+        return MetricResult(
+            value=self.value,
+            n=self.n,
+            detail=f"{detail}; {self.bootstrap.describe()}",
+            interval=self.bootstrap.interval,
+        )
+
+
+def score_against_reference(
+    features: torch.Tensor,
+    reference: FIDStatistics,
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    max_bootstrap_images: int = DEFAULT_MAX_BOOTSTRAP_IMAGES,
+) -> FIDScore:
+    """FID of generated features (n, D) against reference statistics, with a bootstrap interval
+    (`resamples` = 0: none). Sets of the same n and seed get the same resamples (paired)."""
+    n = features.shape[0]
+    if n < 2:
+        raise UserInputError(f"FID needs at least 2 images per set, got {n}")
+    if features.shape[1] != reference.mu.shape[0]:
+        raise UserInputError(
+            f"feature sizes differ: {features.shape[1]} vs {reference.mu.shape[0]}"
+        )
+    exact = ReferenceFID(features, reference.mu, reference.sigma) if n < features.shape[1] else None
+    if exact is not None:
+        value = exact()
+    else:
+        value = frechet_distance(FIDStatistics.from_features(features), reference)
+    if resamples == 0 or n < MIN_ROWS:  # no interval asked for, or too few images for one
+        return FIDScore(value, n)
+    rows = _bootstrap_rows(n, max_bootstrap_images, seed)
+    if rows is None:
+        score = (
+            exact if exact is not None else ReferenceFID(features, reference.mu, reference.sigma)
+        )
+        return FIDScore(value, n, bootstrap(score, n, count=resamples, seed=seed))
+    score = ReferenceFID(features[rows], reference.mu, reference.sigma)
+    result = bootstrap(score, len(rows), count=resamples, seed=seed)
+    return FIDScore(value, n, result.recentred(value, n))
+
+
+def score_pair(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    max_bootstrap_images: int = DEFAULT_MAX_BOOTSTRAP_IMAGES,
+) -> FIDScore:
+    """FID between two generated sets (n, D) whose row i belong together (same prompt and seed),
+    with a paired bootstrap interval: each resample takes the same rows from both sets."""
+    if a.shape != b.shape:
+        raise UserInputError(
+            f"paired FID needs sets of one size: {tuple(a.shape)} vs {tuple(b.shape)}"
+        )
+    n = a.shape[0]
+    if n < 2:
+        raise UserInputError(f"FID needs at least 2 images per set, got {n}")
+    exact = PairedFID(a, b) if n < a.shape[1] else None
+    if exact is not None:
+        value = exact()
+    else:
+        value = frechet_distance(FIDStatistics.from_features(a), FIDStatistics.from_features(b))
+    if resamples == 0 or n < MIN_ROWS:  # no interval asked for, or too few images for one
+        return FIDScore(value, n)
+    rows = _bootstrap_rows(n, max_bootstrap_images, seed)
+    if rows is None:
+        score = exact if exact is not None else PairedFID(a, b)
+        return FIDScore(value, n, bootstrap(score, n, count=resamples, seed=seed))
+    result = bootstrap(PairedFID(a[rows], b[rows]), len(rows), count=resamples, seed=seed)
+    return FIDScore(value, n, result.recentred(value, n))
+
+
+def _bootstrap_rows(n: int, max_images: int, seed: int) -> torch.Tensor | None:
+    """None (bootstrap all n rows), or a seeded sorted subsample of `max_images` rows."""
+    if n <= max_images:
+        return None
+    rows = np.random.default_rng(seed).choice(n, size=max_images, replace=False)
+    return torch.from_numpy(np.sort(rows))
+
+
 def folder_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -158,7 +296,7 @@ def reference_statistics(
     """Statistics of a reference: an `.npz` (`mu`, `sigma`), an image folder or a
     `datasets.Dataset` whose `image_column` holds images. Folder and dataset statistics are cached
     (key: reference content + Inception weights + `resize_to`)."""
-    if _is_npz(reference):
+    if is_npz_reference(reference):
         return FIDStatistics.load(reference)
     images = reference_images(reference, image_column)
     weights = resolve_inception_weights(weights_path, cache_dir)
@@ -229,14 +367,18 @@ def compute_fid(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    bootstrap_resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = 0,
+    max_bootstrap_images: int = DEFAULT_MAX_BOOTSTRAP_IMAGES,
 ) -> MetricResult:
     """FID of `generated` (a folder or a list of images) against `reference` (see
     `reference_statistics`; `reference_resize` squares reference images first, e.g. 256 for
-    BK-SDM's COCO protocol). Missing Inception weights give an "unavailable" result."""
+    BK-SDM's COCO protocol), with a bootstrap interval over the generated images
+    (`bootstrap_resamples` = 0: none). Missing Inception weights give an "unavailable" result."""
     images = folder_images(generated) if isinstance(generated, str | Path) else list(generated)
     if len(images) < 2:
         raise UserInputError(f"FID needs at least 2 generated images, got {len(images)}")
-    if not _is_npz(reference):
+    if not is_npz_reference(reference):
         reference_images(reference, image_column)  # bad input fails before the network loads
     try:
         inception = load_inception(weights_path=weights_path, cache_dir=cache_dir, device=device)
@@ -253,24 +395,30 @@ def compute_fid(
         device=device,
         progress=progress,
     )
-    generated_stats = image_statistics(
-        images,
-        inception,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-        desc="FID generated",
+    features = image_features(
+        images, inception, batch_size=batch_size, device=device, progress=progress
     )
+    score = score_against_reference(
+        features,
+        reference_stats,
+        resamples=bootstrap_resamples,
+        seed=bootstrap_seed,
+        max_bootstrap_images=max_bootstrap_images,
+    )
+    return score.metric(reference_detail(score.n, reference_stats, reference))
+
+
+def reference_detail(n: int, reference_stats: FIDStatistics, reference: Any) -> str:
+    """How an FID against `reference` was measured (for the report)."""
     n_reference = reference_stats.n if reference_stats.n is not None else "?"
-    return MetricResult(
-        value=frechet_distance(generated_stats, reference_stats),
-        n=generated_stats.n,
-        detail=f"{generated_stats.n} generated vs {n_reference} reference images "
-        f"({_describe(reference)}); TF-Inception pool3 via torchmetrics",
+    return (
+        f"{n} generated vs {n_reference} reference images ({_describe(reference)}); "
+        "TF-Inception pool3 via torchmetrics"
     )
 
 
-def _is_npz(reference: Any) -> bool:
+def is_npz_reference(reference: Any) -> bool:
+    """True when `reference` names precomputed statistics (an .npz) rather than images."""
     return isinstance(reference, str | Path) and Path(reference).suffix == ".npz"
 
 

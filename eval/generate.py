@@ -1,12 +1,19 @@
-"""Images for a prompt list from a diffusers `StableDiffusionPipeline`, resumable.
+"""Images for a prompt list from a diffusers `StableDiffusionPipeline`, resumable, never stale.
 
 Image i uses prompt i and seed `base_seed + i`, with its own CPU `torch.Generator`: its initial
-noise does not depend on the batch it lands in, on the device, or on which images were already
-on disk. Each image is written as `{i:06d}.png` the moment its batch finishes (via a temporary
-name, so a killed run never leaves half a PNG), and `manifest.json` records prompt, seed and
-settings. A rerun into the same folder skips finished files, so an interrupted 30K run resumes
-where it stopped; a rerun with other settings or prompts is refused rather than mixing two
-experiments.
+noise does not depend on the device or on which images were already on disk. Batches are fixed by
+index: images [k·B, (k+1)·B) always form one batch, because a batch's composition changes the
+float kernels (an image generated in a batch of 1 differs in the last bit from the same image in a
+batch of 4). Each image is written as `{i:06d}.png` the moment its batch finishes (via a
+temporary name, so a killed run never leaves half a PNG). A rerun into the same folder resumes:
+a batch with any image missing is generated again as a whole and only the missing files are
+written, so an interrupted run ends bit-identical to an uninterrupted one.
+
+`manifest.json` records the model's fingerprint (`distill.fingerprints`: a content hash of its
+weights), every generation setting, and each image's prompt and seed. When the fingerprint or a
+setting differs from what is on disk (a student retrained at the same path, another guidance
+scale), the old images are deleted and generated anew; an image whose prompt or seed changed is
+deleted alone. A number computed from these images is therefore always one of this model's.
 
 BK-SDM's protocol (`src/generate.py`): PNDM, 25 steps, guidance 7.5, 512 px, then
 `Image.resize((256, 256))` (bicubic).
@@ -15,6 +22,9 @@ BK-SDM's protocol (`src/generate.py`): PNDM, 25 steps, guidance 7.5, 512 px, the
 from __future__ import annotations
 
 import json
+import os
+import re
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,9 +43,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from distill.errors import UserInputError
+from distill.fingerprints import pipeline_fingerprint, short
 from eval.image_io import resize_square
 
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2  # 1: settings without fingerprint, batch size, dtype or device
+# The files generate_images owns in its folder: images, their temporary names, the manifest.
+_OWN_FILE = re.compile(r"^\d{6,}\.(png|partial)$")
 SCHEDULERS = {
     "pndm": PNDMScheduler,
     "ddim": DDIMScheduler,
@@ -49,8 +63,10 @@ SCHEDULER_OVERRIDES: dict[str, dict[str, Any]] = {"pndm": {"skip_prk_steps": Tru
 
 @dataclass(frozen=True)
 class GeneratedImages:
-    """`paths[i]` shows `prompts[i]` generated from seed `seeds[i]`; `newly_generated` lists the
-    indices this call produced (the rest were already on disk)."""
+    """`paths[i]` shows `prompts[i]` generated from seed `seeds[i]` by the model with
+    `fingerprint`; `newly_generated` lists the indices this call wrote (the rest were already on
+    disk), `stale` says why old images were deleted first (None: nothing was), `seconds` is the
+    time spent in the pipeline and `images_computed` how many images it made (whole batches)."""
 
     folder: Path
     paths: list[Path]
@@ -58,6 +74,14 @@ class GeneratedImages:
     seeds: list[int]
     settings: dict[str, Any]
     newly_generated: list[int]
+    fingerprint: str
+    stale: str | None = None
+    seconds: float = 0.0
+    images_computed: int = 0
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.images_computed / self.seconds if self.seconds > 0 else None
 
 
 def image_path(folder: str | Path, index: int) -> Path:
@@ -100,52 +124,79 @@ def generate_images(
     output_size: int | None = None,
     scheduler: str = "pndm",
     batch_size: int = 4,
+    fingerprint: str | None = None,
     progress: bool = True,
+    desc: str = "generate",
 ) -> GeneratedImages:
-    """Generate `prompts[i]` with seed `base_seed + i` into `out_dir/{i:06d}.png`, skipping files
-    that exist. `height`/`width` default to the pipeline's native size; `output_size` resizes the
-    saved images to squares of that side (BK-SDM: 512 → 256). The pipeline's scheduler is swapped
-    for `scheduler` during the call and restored after it."""
+    """Generate `prompts[i]` with seed `base_seed + i` into `out_dir/{i:06d}.png`, keeping files
+    that this model made with these settings. `height`/`width` default to the pipeline's native
+    size; `output_size` resizes the saved images to squares of that side (BK-SDM: 512 → 256). The
+    pipeline's scheduler is swapped for `scheduler` during the call and restored after it.
+
+    `fingerprint` identifies the weights (`distill.fingerprints.pipeline_fingerprint` of the folder
+    the pipeline was loaded from); None hashes the loaded pipeline's components instead."""
     if not prompts:
         raise UserInputError("no prompts to generate images for")
     if batch_size < 1:
         raise UserInputError(f"batch_size must be positive, got {batch_size}")
     native = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    # Everything that changes the pixels; batch_size too, since batches are fixed by index.
     settings = {
-        "model": str(pipeline.config.get("_name_or_path", "") or type(pipeline.unet).__name__),
         "scheduler": scheduler,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "height": height or native,
         "width": width or native,
         "output_size": output_size,
+        "batch_size": batch_size,
+        "dtype": str(pipeline.unet.dtype).removeprefix("torch."),
+        "device": pipeline.device.type,
     }
+    fingerprint = fingerprint or pipeline_fingerprint(pipeline)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     seeds = [base_seed + index for index in range(len(prompts))]
-    _write_manifest(folder, settings, list(prompts), seeds)
+    entries = [
+        {"file": image_path(folder, i).name, "prompt": prompt, "seed": seed}
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True))
+    ]
+    stale = _remove_stale(folder, fingerprint, settings, entries)
+    model_name = str(pipeline.config.get("_name_or_path", "") or type(pipeline.unet).__name__)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "model": model_name,  # informative only: a copy at another path is the same model
+        "fingerprint": fingerprint,
+        "settings": settings,
+        "images": entries,
+    }
+    _write_json(folder / MANIFEST, manifest)
 
     missing = [i for i in range(len(prompts)) if not image_path(folder, i).is_file()]
+    batches = _batches_to_run(missing, len(prompts), batch_size)
     pipeline.set_progress_bar_config(disable=True)  # one bar over images, not one per batch
-    bar = tqdm(total=len(prompts), desc="generate", unit="img", disable=not progress)
-    bar.update(len(prompts) - len(missing))
+    total = sum(len(batch) for batch in batches)
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress or total == 0)
+    start = time.perf_counter()
     with using_scheduler(pipeline, scheduler):
-        for chunk in _chunks(missing, batch_size):
+        for batch in batches:
             images = pipeline(
-                [prompts[i] for i in chunk],
+                [prompts[i] for i in batch],
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 height=settings["height"],
                 width=settings["width"],
                 # CPU generators: the same seed gives the same noise on every device.
-                generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in chunk],
+                generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in batch],
                 output_type="pil",
             ).images
-            for index, image in zip(chunk, images, strict=True):
+            for index, image in zip(batch, images, strict=True):
+                if image_path(folder, index).is_file():
+                    continue  # present: keep the file (and its mtime) as it is
                 if output_size is not None:
                     image = resize_square(image, output_size)
                 _save_png(image, image_path(folder, index))
-            bar.update(len(chunk))
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start if batches else 0.0
     bar.close()
     return GeneratedImages(
         folder=folder,
@@ -154,12 +205,79 @@ def generate_images(
         seeds=seeds,
         settings=settings,
         newly_generated=missing,
+        fingerprint=fingerprint,
+        stale=stale,
+        seconds=seconds,
+        images_computed=total,
     )
 
 
-def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def delete_generated_images(folder: str | Path) -> int:
+    """Delete what `generate_images` wrote into `folder` (the manifest first, so a run killed
+    half-way never leaves a manifest vouching for images it no longer describes); other files
+    are left alone. Returns the number of images deleted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    (folder / MANIFEST).unlink(missing_ok=True)
+    deleted = 0
+    for path in folder.iterdir():
+        if _OWN_FILE.match(path.name) and path.is_file():
+            path.unlink()
+            deleted += path.suffix == ".png"
+    return deleted
+
+
+def _batches_to_run(missing: list[int], count: int, batch_size: int) -> list[list[int]]:
+    """The fixed batches [k·B, (k+1)·B) that hold at least one missing index, whole."""
+    starts = sorted({index - index % batch_size for index in missing})
+    return [list(range(start, min(start + batch_size, count))) for start in starts]
+
+
+def _batch_end(index: int, batch_size: int, count: int) -> int:
+    """End of the fixed batch holding `index` among `count` images."""
+    return min((index // batch_size + 1) * batch_size, count)
+
+
+def _remove_stale(
+    folder: Path, fingerprint: str, settings: dict[str, Any], entries: list[dict[str, Any]]
+) -> str | None:
+    """Delete images in `folder` that were not made by this model with these settings, prompts
+    and seeds; return why (None when everything on disk could stay)."""
+    previous = _read_json(folder / MANIFEST)
+    if previous is None:
+        reason = "no manifest" if any(_OWN_FILE.match(p.name) for p in folder.iterdir()) else None
+    elif previous.get("fingerprint") != fingerprint:
+        old = previous.get("fingerprint")
+        reason = f"model fingerprint changed ({short(old)} -> {short(fingerprint)})"
+    elif previous.get("settings") != settings:
+        changed = sorted(
+            key
+            for key in set(settings) | set(previous.get("settings") or {})
+            if settings.get(key) != (previous.get("settings") or {}).get(key)
+        )
+        reason = f"generation settings changed ({', '.join(changed)})"
+    else:
+        old_entries = previous.get("images") or []
+        changed = [i for i, old in enumerate(old_entries) if i >= len(entries) or old != entries[i]]
+        # Another image count changes the last batch: its images were made beside others.
+        batch, old_count, count = settings["batch_size"], len(old_entries), len(entries)
+        rebatched = [
+            i
+            for i in range(min(old_count, count))
+            if i not in changed and _batch_end(i, batch, old_count) != _batch_end(i, batch, count)
+        ]
+        for index in changed + rebatched:
+            image_path(folder, index).unlink(missing_ok=True)
+        reasons = []
+        if changed:
+            reasons.append(f"{len(changed)} images with another prompt or seed")
+        if rebatched:
+            reasons.append(f"{len(rebatched)} images whose batch changed with the image count")
+        return "; ".join(reasons) or None
+    if reason is not None:
+        delete_generated_images(folder)
+    return reason
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -168,27 +286,15 @@ def _save_png(image: Image.Image, path: Path) -> None:
     partial.replace(path)
 
 
-def _write_manifest(
-    folder: Path, settings: dict[str, Any], prompts: list[str], seeds: list[int]
-) -> None:
-    """Write the manifest, after checking that images already in `folder` were made the same way."""
-    manifest_file = folder / MANIFEST
-    images = [
-        {"file": image_path(folder, i).name, "prompt": prompt, "seed": seed}
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True))
-    ]
-    if manifest_file.is_file():
-        previous = json.loads(manifest_file.read_text(encoding="utf-8"))
-        if previous.get("settings") != settings:
-            raise UserInputError(
-                f"{folder} holds images made with other settings ({previous.get('settings')}); "
-                "use another folder"
-            )
-        for old, new in zip(previous.get("images", []), images, strict=False):
-            if old != new:
-                raise UserInputError(
-                    f"{folder}/{new['file']} was made for prompt {old['prompt']!r} seed "
-                    f"{old['seed']}, not {new['prompt']!r} seed {new['seed']}; use another folder"
-                )
-    manifest = {"settings": settings, "images": images}
-    manifest_file.write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+    partial.replace(path)

@@ -2,14 +2,18 @@
 teacher-vs-student table, how each number was measured, and a comparison grid).
 
 A row is one model (or a published reference result); each metric is a `MetricResult`, so every
-cell is either a number with its `n` and method, or "unavailable: <reason>".
+cell is a number (with its interval, where one was computed), "n/a" with a numbered footnote under
+the table saying why it could not be computed, or "—" where it does not apply (a teacher has no
+fidelity to itself). Each row records the fingerprint of the weights it was computed from
+(`distill.fingerprints`); `metrics_fingerprints` reads them back, so `distill export` can tell
+whether a metrics.json describes the weights it exports.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +24,28 @@ from eval.results import MetricResult
 GRID_FILE = "comparison_grid.png"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
+NOT_APPLICABLE = "—"
+_SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
 @dataclass(frozen=True)
 class Column:
+    """One table column. An `optional` column is shown only when some row has its metric (the
+    fidelity FID needs a teacher, the in-domain metrics Fashion-MNIST prompts)."""
+
     key: str
     header: str
     format: Callable[[float], str]
+    optional: bool = False
 
 
 COLUMNS = (
-    Column("fid", "FID ↓", lambda v: f"{v:.2f}"),
+    Column("fid", "FID ↓ [95% interval]", lambda v: f"{v:.2f}"),
+    Column("fidelity_fid", "fidelity FID ↓ (to teacher)", lambda v: f"{v:.2f}", optional=True),
     Column("clip", "CLIP ↑", lambda v: f"{v:.4f}"),
-    Column("is", "IS ↑", lambda v: f"{v:.2f}"),
+    Column("class_accuracy", "class acc. (in-domain) ↑", lambda v: f"{100 * v:.1f}%", True),
+    Column("is", "IS (Inception) ↑", lambda v: f"{v:.2f}"),
+    Column("in_domain_is", "IS (in-domain) ↑", lambda v: f"{v:.2f}", optional=True),
     Column("params", "UNet params", lambda v: f"{v / 1e6:.4g}M"),
     Column("gflops", "GFLOPs", lambda v: f"{v:.4g}"),
     Column("unet_latency", "UNet s/step", lambda v: f"{v:.4f}"),
@@ -42,23 +55,52 @@ COLUMNS = (
 
 @dataclass
 class ReportRow:
-    """One model's results; `metrics` maps a column key (`COLUMNS`) to its result."""
+    """One model's results; `metrics` maps a column key (`COLUMNS`) to its result; `fingerprint`
+    identifies the weights behind them (None for published reference rows); `generation` holds how
+    its images were made this run (throughput, reuse)."""
 
     name: str
     metrics: dict[str, MetricResult]
     source: str = ""
+    fingerprint: str | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "name": self.name,
             "source": self.source,
+            "fingerprint": self.fingerprint,
             "metrics": {key: result.to_dict() for key, result in self.metrics.items()},
         }
+        if self.generation:
+            data["generation"] = self.generation
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReportRow:
         metrics = {key: MetricResult.from_dict(value) for key, value in data["metrics"].items()}
-        return cls(name=data["name"], metrics=metrics, source=data.get("source", ""))
+        return cls(
+            name=data["name"],
+            metrics=metrics,
+            source=data.get("source", ""),
+            fingerprint=data.get("fingerprint"),
+            generation=data.get("generation") or {},
+        )
+
+
+def metrics_fingerprints(metrics: dict[str, Any]) -> dict[str, str]:
+    """Row name -> fingerprint of the pipeline whose metrics that row holds, read from a loaded
+    metrics.json: {"teacher": ..., "student": ...}. Rows without one (published reference rows,
+    files written before fingerprints existed) are absent, so a caller comparing
+    `metrics_fingerprints(data).get("student")` with the fingerprint of the weights it holds gets
+    None, never a false match. The student row's fidelity FID also depends on the teacher's
+    weights, recorded under "teacher"."""
+    fingerprints = {}
+    for row in metrics.get("rows", []):
+        fingerprint = row.get("fingerprint") if isinstance(row, dict) else None
+        if isinstance(fingerprint, str) and fingerprint:
+            fingerprints[row["name"]] = fingerprint
+    return fingerprints
 
 
 @dataclass
@@ -71,38 +113,69 @@ class GridInfo:
     row_names: tuple[str, ...] = ("teacher", "student")
 
 
-def cell(result: MetricResult | None, column: Column) -> str:
-    if result is None:
-        return "—"
-    if result.value is None:
-        return f"unavailable: {result.unavailable}"
-    return column.format(result.value)
+def format_value(result: MetricResult, column: Column) -> str:
+    """The value, and its interval in brackets when it has one."""
+    text = column.format(result.value)
+    if result.interval is not None:
+        low, high = result.interval
+        text += f" [{column.format(low)}, {column.format(high)}]"
+    return text
+
+
+def visible_columns(rows: Sequence[ReportRow]) -> list[Column]:
+    return [
+        column
+        for column in COLUMNS
+        if not column.optional or any(column.key in row.metrics for row in rows)
+    ]
 
 
 def markdown_table(rows: Sequence[ReportRow]) -> str:
+    """The table, then one numbered footnote per reason a cell is "n/a" (cells that fail for the
+    same reason share a footnote)."""
+    columns = visible_columns(rows)
+    footnotes: dict[tuple[str, str], list[str]] = {}  # (column header, reason) -> row names
     lines = [
-        "| model | " + " | ".join(column.header for column in COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
+        "| model | " + " | ".join(column.header for column in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for row in rows:
-        cells = [cell(row.metrics.get(column.key), column) for column in COLUMNS]
+        cells = []
+        for column in columns:
+            result = row.metrics.get(column.key)
+            if result is None:
+                cells.append(NOT_APPLICABLE)
+            elif result.value is None:
+                names = footnotes.setdefault((column.header, _reason(result)), [])
+                names.append(row.name)
+                number = list(footnotes).index((column.header, _reason(result))) + 1
+                cells.append("n/a" + str(number).translate(_SUPERSCRIPTS))
+            else:
+                cells.append(format_value(result, column))
         lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    notes = [
+        f"{str(number).translate(_SUPERSCRIPTS)} {header}, {', '.join(names)}: {reason}"
+        for number, ((header, reason), names) in enumerate(footnotes.items(), start=1)
+    ]
+    return "\n".join(lines) + ("\n\n" + "  \n".join(notes) if notes else "")
+
+
+def _reason(result: MetricResult) -> str:
+    reason = result.unavailable or "not computed"
+    return f"{reason} ({result.detail})" if result.detail else reason
 
 
 def measurement_notes(rows: Sequence[ReportRow]) -> str:
-    """One line per (metric, model): n and how it was measured (seeds, model, protocol)."""
+    """One line per computed (metric, model): n and how it was measured (seeds, model, protocol,
+    interval). Metrics that could not be computed are in the table's footnotes."""
     lines = []
-    for column in COLUMNS:
+    for column in visible_columns(rows):
         for row in rows:
             result = row.metrics.get(column.key)
-            if result is None:
+            if result is None or result.value is None:
                 continue
             n = f"n={result.n}; " if result.n is not None else ""
-            text = result.detail
-            if result.value is None:
-                text = f"unavailable: {result.unavailable}" + (f" ({text})" if text else "")
-            lines.append(f"- **{column.header}**, {row.name}: {n}{text}")
+            lines.append(f"- **{column.header}**, {row.name}: {n}{result.detail}")
     return "\n".join(lines)
 
 
@@ -113,13 +186,23 @@ def write_report(
     title: str = "Teacher vs student",
     settings: dict[str, Any] | None = None,
     grid: GridInfo | None = None,
+    notes: Sequence[str] = (),
+    comparisons: dict[str, MetricResult] | None = None,
 ) -> dict[str, Any]:
-    """Write `metrics.json`, `report.md` (and the grid PNG) into `out_dir`; return the json data."""
+    """Write `metrics.json`, `report.md` (and the grid PNG) into `out_dir`; return the json data.
+    `notes` are paragraphs shown under the table (sample sizes, seeds, the in-domain judge);
+    `comparisons` are results about two rows at once (the student-minus-teacher FID)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {"settings": settings or {}, "rows": [row.to_dict() for row in rows]}
-    sections = [f"# {title}", markdown_table(rows), "## How each number was measured"]
-    sections.append(measurement_notes(rows))
+    data: dict[str, Any] = {
+        "settings": settings or {},
+        "fingerprints": {row.name: row.fingerprint for row in rows if row.fingerprint},
+        "rows": [row.to_dict() for row in rows],
+    }
+    if comparisons:
+        data["comparisons"] = {key: result.to_dict() for key, result in comparisons.items()}
+    sections = [f"# {title}", markdown_table(rows), *notes]
+    sections += ["## How each number was measured", measurement_notes(rows)]
     if settings:
         sections.append("## Settings\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in settings.items()))
     if grid is not None:

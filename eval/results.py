@@ -1,8 +1,8 @@
 """One metric's outcome: a value with the sample size behind it, or the reason there is none.
 
-Every number in the report carries how it was measured (`n`, seeds, model), and a metric that could
-not run (no CLIP weights offline, no Inception classifier head) says why instead of crashing the
-evaluation or showing a blank.
+Every number in the report carries how it was measured (`n`, seeds, model) and, where one was
+computed, its interval; a metric that could not run (no CLIP weights offline, no Inception
+classifier head) says why instead of crashing the evaluation or showing a blank.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ class MetricUnavailable(Exception):
 
 @dataclass(frozen=True)
 class MetricResult:
-    """`value` measured on `n` samples (images, or timing repeats); `detail` says how.
+    """`value` measured on `n` samples (images, or timing repeats); `detail` says how, including
+    how `interval` (low, high) was obtained when there is one.
 
     When the metric could not run, `value` is None and `unavailable` holds the reason.
     """
@@ -26,6 +27,7 @@ class MetricResult:
     n: int | None = None
     detail: str = ""
     unavailable: str | None = None
+    interval: tuple[float, float] | None = None
 
     @classmethod
     def missing(cls, reason: str, detail: str = "") -> MetricResult:
@@ -36,8 +38,14 @@ class MetricResult:
         return self.value is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.interval is not None:
+            data["interval"] = list(self.interval)  # what json gives back
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MetricResult:
-        return cls(**data)
+        """Read `to_dict`'s output; files written before intervals existed have none."""
+        data = dict(data)
+        interval = data.pop("interval", None)
+        return cls(**data, interval=tuple(interval) if interval is not None else None)

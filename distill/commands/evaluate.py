@@ -21,7 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="evaluate a student (and its teacher): FID, CLIP, IS, params, GFLOPs, latency",
         description="Generate images for a prompt set with the student (and the teacher, same "
-        "prompts and seeds), score them, and write metrics.json, report.md and a grid.",
+        "prompts and seeds), score them, and write metrics.json, report.md and a grid. Images "
+        "are kept under OUT/images and reused only while the model's fingerprint (a hash of its "
+        "weights) and every generation setting stay the same.",
     )
     parser.add_argument("--model", required=True, help="student pipeline folder or hub id")
     parser.add_argument("--teacher", help="teacher pipeline folder or hub id")
@@ -46,15 +48,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--is-splits", type=int, help="Inception Score splits")
     parser.add_argument("--speed-repeats", type=int, default=5, help="latency repeats (median)")
     parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples behind each FID's 95%% interval (0: no intervals)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace metrics.json/report.md in OUT (generated images are kept and reused)",
+        help="replace the results in OUT and delete its generated images (made anew)",
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        raise UserInputError(f"--bootstrap must be 0 (no intervals) or ≥ 2, got {args.bootstrap}")
     for flag, model in (("--model", args.model), ("--teacher", args.teacher)):
         if model is not None and not Path(model).is_dir() and not HUB_ID.match(model):
             raise UserInputError(f"{flag} {model!r} is not a folder (or a hub id owner/name)")
@@ -82,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         reference_resize=reference_resize,
         batch_size=args.batch_size,
         speed_repeats=args.speed_repeats,
+        bootstrap_resamples=args.bootstrap,
+        fresh_images=args.overwrite,
         progress=not args.no_progress,
         **settings,
     )

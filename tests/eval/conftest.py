@@ -1,9 +1,12 @@
-"""Tiny, seeded, real models for the eval tests: a StableDiffusionPipeline and a CLIP model.
+"""Tiny, seeded, real models for the eval tests: a StableDiffusionPipeline, a CLIP model and a
+Fashion-MNIST classifier.
 
 Everything is built in-process (no hub) from the offline world's components
 (`distill.offline.tiny_models`): (32, 64) UNets at 32 px, the real CLIP BPE tokenizer derived
-offline, random weights from fixed seeds. The cache (tokenizer files, converted FID
-Inception, reference statistics) lives in one temporary folder per test session.
+offline, random weights from fixed seeds. The classifier is really trained, on the first 10,000
+training images for one epoch (about 9 s; 80.7% test accuracy, 87.7% with all 60,000). The
+cache (tokenizer files, converted FID Inception, reference statistics, the classifier) lives in
+one temporary folder per test session.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -21,8 +25,10 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 from distill.offline.tiny_models import sampling_scheduler, tiny_text_encoder, tiny_unet, tiny_vae
 from distill.offline.tokenizer import build_clip_tokenizer
 from eval.clip_score import ClipBackend, transformers_backend
+from eval.fashion_classifier import ClassifierSettings, FashionClassifier, load_fashion_classifier
 
 TINY_SIZE = 32  # pixels; latents 8x8 with the 4x VAE below
+JUDGE_SETTINGS = ClassifierSettings(max_train_samples=10_000)  # ~9 s instead of ~40 s
 
 
 @pytest.fixture
@@ -91,3 +97,26 @@ def random_images():
         return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(count)]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def fashion_judge(cache_dir: Path) -> FashionClassifier:
+    """The Fashion-MNIST classifier, trained once per session into the session cache."""
+    return load_fashion_classifier(JUDGE_SETTINGS, cache_dir=cache_dir, progress=False)
+
+
+@pytest.fixture
+def direct_cosines():
+    """`direct_cosines(backend, images, prompts)` -> (N,) cosine(image i, prompt i), computed
+    straight from the transformers CLIPModel, outside torchmetrics and our wrapper."""
+
+    def compute(backend: ClipBackend, images, prompts) -> torch.Tensor:
+        clip, processor = backend.model.clip, backend.processor
+        with torch.no_grad():
+            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+            text = processor(text=list(prompts), return_tensors="pt", padding=True)
+            image_embeds = clip.get_image_features(pixel_values=pixels).pooler_output
+            text_embeds = clip.get_text_features(**text).pooler_output
+        return F.cosine_similarity(image_embeds, text_embeds, dim=-1)
+
+    return compute

@@ -1,7 +1,9 @@
 """evaluate(): teacher and student through generation, metrics, cost and report, end to end.
 
-FID is left out here (no reference: it reports why) because its Inception passes and 2048-d
-eigenproblem are what test_fid.py spends its time on.
+Sets are tiny (4 to 10 images, 2 denoising steps): the Inception pass costs ~0.2 s per image here,
+and the exactness of each metric is tested in its own module; these tests check that the pieces
+meet: the right images reach each metric, stale images never do, and the report says what it
+could not compute.
 """
 
 from __future__ import annotations
@@ -10,17 +12,55 @@ import inspect
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
 
 from distill.errors import UserInputError
+from distill.fingerprints import pipeline_fingerprint
+from distill.offline.fashion_mnist import fashion_prompts, load_fashion_mnist_arrays
 from eval.evaluate import evaluate
+from eval.fashion_classifier import classifier_input
+from eval.image_io import open_rgb, to_uint8_tensor
 from eval.protocols import BK_SDM_COCO30K, get_protocol
+from eval.report import metrics_fingerprints
 
 PROMPTS = ["a photo of a Dress", "a photo of a Bag", "a photo of a Coat", "a photo of a Sneaker"]
+QUICK = {
+    "num_inference_steps": 2,
+    "inception_score_splits": 2,
+    "allow_download": False,
+    "speed_warmup": 0,
+    "speed_repeats": 1,
+    "device": "cpu",
+    "progress": False,
+}
+
+
+def table_lines(report: str) -> list[str]:
+    return [line for line in report.splitlines() if line.startswith("| ")]
+
+
+def real_reference(folder: Path, count: int) -> Path:
+    """`count` real Fashion-MNIST test images as 32 px PNGs: an FID reference folder."""
+    images, _ = load_fashion_mnist_arrays("test")
+    pixels = classifier_input(torch.from_numpy(images[-count:].copy())[:, None])  # (N, 1, 32, 32)
+    grey = ((pixels[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    folder.mkdir(parents=True)
+    for index, image in enumerate(grey):
+        Image.fromarray(image).convert("RGB").save(folder / f"{index}.png")
+    return folder
 
 
 def test_evaluate_reports_teacher_and_student_on_the_same_prompts_and_seeds(
-    tmp_path: Path, teacher_pipeline, student_pipeline, tiny_clip, empty_torch_hub
+    tmp_path: Path,
+    teacher_pipeline,
+    student_pipeline,
+    tiny_clip,
+    direct_cosines,
+    empty_torch_hub,
 ) -> None:
     data = evaluate(
         student_pipeline,
@@ -31,13 +71,7 @@ def test_evaluate_reports_teacher_and_student_on_the_same_prompts_and_seeds(
         out_dir=tmp_path,
         clip_model=tiny_clip,
         seed=7,
-        num_inference_steps=2,
-        inception_score_splits=2,
-        allow_download=False,
-        speed_warmup=0,
-        speed_repeats=1,
-        device="cpu",
-        progress=False,
+        **QUICK,
     )
     teacher, student = data["rows"]
     assert (teacher["name"], student["name"]) == ("teacher", "student")
@@ -48,18 +82,134 @@ def test_evaluate_reports_teacher_and_student_on_the_same_prompts_and_seeds(
 
     for row in (teacher, student):
         metrics = row["metrics"]
-        assert metrics["fid"]["unavailable"] == "no FID reference"
+        assert metrics["fid"]["unavailable"] == "no FID reference given"
         assert "classifier head" in metrics["is"]["unavailable"]
+        # CLIP of the images on disk, computed straight from the CLIPModel: the right images
+        # and prompts reached the metric, on the 0-1 scale.
+        files = sorted((tmp_path / "images" / row["name"]).glob("*.png"))
+        expected = direct_cosines(tiny_clip, [open_rgb(f) for f in files], PROMPTS).mean().item()
+        assert expected > 0.05  # clearly above torchmetrics' clamp at 0
+        assert metrics["clip"]["value"] == pytest.approx(expected, abs=1e-5)
         assert metrics["clip"]["n"] == 4 and "seeds 7..10" in metrics["clip"]["detail"]
-        assert 0.0 <= metrics["clip"]["value"] <= 1.0
         assert metrics["unet_latency"]["value"] > 0 and metrics["pipeline_latency"]["n"] == 1
+        assert row["generation"]["images_per_second"] > 0
+        assert "class_accuracy" not in metrics  # these prompts are not the offline world's
     assert student["metrics"]["params"]["value"] < teacher["metrics"]["params"]["value"]
     assert student["metrics"]["gflops"]["value"] < teacher["metrics"]["gflops"]["value"]
+    fidelity = student["metrics"]["fidelity_fid"]
+    assert fidelity["n"] == 4 and fidelity["interval"][0] < fidelity["value"]
+    assert "fidelity_fid" not in teacher["metrics"]
+    assert metrics_fingerprints(data) == {
+        "teacher": pipeline_fingerprint(teacher_pipeline),
+        "student": pipeline_fingerprint(student_pipeline),
+    }
 
     report = (tmp_path / "report.md").read_text()
-    assert "| teacher |" in report and "| student |" in report
+    header, teacher_line, student_line = table_lines(report)
+    assert "fidelity FID" in header and "class acc." not in header
+    assert teacher_line.startswith("| teacher | n/a¹ | — |")  # FID n/a, no fidelity to itself
+    assert "| n/a² |" in teacher_line  # Inception IS
+    assert "¹ FID ↓ [95% interval], teacher, student: no FID reference given" in report
+    assert "² IS (Inception) ↑, teacher, student: no Inception classifier head offline" in report
+    assert "unavailable" not in "\n".join(table_lines(report))
+    assert "n = 4 images, prompt i generated with seed 7 + i (seeds 7..10)" in report
     assert "![comparison grid](comparison_grid.png)" in report
     assert (tmp_path / "comparison_grid.png").is_file()
+
+
+def test_fashion_prompts_get_in_domain_metrics_beside_intervals_and_fidelity(
+    tmp_path: Path, teacher_pipeline, student_pipeline, fashion_judge, empty_torch_hub
+) -> None:
+    prompts = fashion_prompts(10, seed=0)
+    data = evaluate(
+        student_pipeline,
+        teacher_pipeline,
+        "fashion",
+        num_images=10,
+        reference=real_reference(tmp_path / "reference", 10),
+        out_dir=tmp_path / "eval",
+        bootstrap_resamples=200,
+        fashion_classifier=fashion_judge,
+        **QUICK,
+    )
+    report = (tmp_path / "eval" / "report.md").read_text()
+    header, teacher_line, student_line = table_lines(report)
+    columns = [cell.strip() for cell in header.split("|")[2:-1]]
+    assert columns[:6] == [
+        "FID ↓ [95% interval]",
+        "fidelity FID ↓ (to teacher)",
+        "CLIP ↑",
+        "class acc. (in-domain) ↑",
+        "IS (Inception) ↑",
+        "IS (in-domain) ↑",
+    ]
+    for line in (teacher_line, student_line):
+        cells = [cell.strip() for cell in line.split("|")[2:-1]]
+        assert "[" in cells[0] and cells[2].startswith("n/a")  # FID interval; CLIP n/a
+        assert cells[3].endswith("%") and cells[4].startswith("n/a") and float(cells[5]) >= 1
+    assert "no CLIP model given" in report
+    assert "Student − teacher FID:" in report
+    assert f"test accuracy {100 * fashion_judge.test_accuracy:.2f}%" in report
+
+    for row in data["rows"]:
+        # Class accuracy by hand: the classifier on the saved PNGs, class i % 10 for prompt i.
+        files = sorted((tmp_path / "eval" / "images" / row["name"]).glob("*.png"))
+        uint8 = torch.stack([to_uint8_tensor(open_rgb(f)) for f in files])  # (10, 3, 32, 32)
+        predicted = fashion_judge.predict(uint8)
+        expected = float((predicted == torch.arange(10) % 10).float().mean())
+        assert row["metrics"]["class_accuracy"]["value"] == pytest.approx(expected)
+        assert row["metrics"]["in_domain_is"]["n"] == 10
+        fid = row["metrics"]["fid"]
+        assert fid["interval"][0] < fid["value"] < fid["interval"][1]
+        assert "200 half-samples (5 of the 10 images, without replacement), seed 0" in fid["detail"]
+    assert [
+        image["prompt"]
+        for image in json.loads(
+            (tmp_path / "eval" / "images" / "student" / "manifest.json").read_text()
+        )["images"]
+    ] == prompts
+    assert data["comparisons"]["fid_student_minus_teacher"]["interval"] is not None
+
+
+def test_retrained_weights_at_the_same_path_are_evaluated_anew(
+    tmp_path: Path, student_pipeline, empty_torch_hub, random_images
+) -> None:
+    """The stale-evaluation reproducer: evaluate a pipeline folder, evaluate it again (images
+    reused, the identical FID), then halve every UNet weight in place at the same path: the
+    images and the FID must change."""
+    model = tmp_path / "student_pipeline"
+    student_pipeline.save_pretrained(model)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for index, image in enumerate(random_images(4, size=32)):
+        image.save(reference / f"{index}.png")
+    run = lambda: evaluate(
+        str(model), None, PROMPTS, 4, reference, tmp_path / "eval", bootstrap_resamples=50, **QUICK
+    )
+    image_file = tmp_path / "eval" / "images" / "student" / "000000.png"
+
+    first = run()
+    first_pixels, first_mtime = np.asarray(Image.open(image_file)), image_file.stat().st_mtime_ns
+    again = run()
+    assert image_file.stat().st_mtime_ns == first_mtime  # reused
+    assert (
+        again["rows"][0]["metrics"]["fid"]["value"] == first["rows"][0]["metrics"]["fid"]["value"]
+    )
+    assert again["rows"][0]["generation"]["images_computed"] == 0
+
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.mul_(0.5)
+    unet.save_pretrained(model / "unet")  # same path, new weights
+    retrained = run()
+
+    assert retrained["rows"][0]["generation"]["stale"].startswith("model fingerprint changed")
+    assert not np.array_equal(np.asarray(Image.open(image_file)), first_pixels)
+    fids = [data["rows"][0]["metrics"]["fid"]["value"] for data in (first, retrained)]
+    assert fids[0] != pytest.approx(fids[1], rel=1e-3)
+    assert metrics_fingerprints(retrained)["student"] == pipeline_fingerprint(model)
+    assert metrics_fingerprints(retrained)["student"] != metrics_fingerprints(first)["student"]
 
 
 def test_too_few_images_for_the_inception_score_splits_is_a_user_error(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """FID: the offline Inception is the standard network, and our FID equals torch-fidelity's.
 
-The Inception pass costs ~0.2-0.5 s per image on 2 CPU cores and torchmetrics' FID eigenvalue
-route ~15 s per distance (2048x2048, float64), so the sets are small (6 images each).
+The Inception pass costs ~0.2-0.5 s per image on 2 CPU cores and torch-fidelity's own FID (scipy's
+2048x2048 sqrtm) ~10 s per distance, so the sets are small (6 images each).
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def test_fid_equals_torch_fidelity_and_caches_the_reference(
     assert ours.n == 6
     assert ours.value == pytest.approx(theirs, rel=1e-3)
     assert ours.value > 1.0  # two different distributions: far from 0
+    low, high = ours.interval  # from 1000 half-samples of the 6 generated images
+    assert low < ours.value < high and "1000 half-samples (3 of the 6 images" in ours.detail
 
     cached = sorted(set(stats_cache.glob("*.npz")) - before)
     assert len(cached) == 1  # the reference's statistics, not the generated set's
@@ -131,19 +133,31 @@ def test_inception_score_is_unavailable_without_a_classifier_head(
     assert converted.value is None and "no classifier head" in converted.unavailable
 
 
-def test_inception_score_runs_with_a_classifier_head(
-    tmp_path: Path, inception_weights: Path, random_images
+def test_inception_score_with_a_classifier_head_equals_the_hand_computation(
+    tmp_path: Path, inception_weights: Path
 ) -> None:
+    """IS = exp(mean KL(p(y|x) ‖ p(y))) over the head's logits, computed here by hand from the
+    network's own logits (one split: torchmetrics' shuffle cannot matter)."""
     state = torch.load(inception_weights, weights_only=True)
     generator = torch.Generator().manual_seed(0)
-    state["fc.weight"] = 0.05 * torch.randn(state["fc.weight"].shape, generator=generator)
+    state["fc.weight"] = 0.5 * torch.randn(state["fc.weight"].shape, generator=generator)
     state["fc.bias"] = torch.zeros_like(state["fc.bias"])
     with_head = tmp_path / "with-head.pth"
     torch.save(state, with_head)
+    blocks = write_image_set(tmp_path / "blocks", "blocks", count=2, seed=0)
+    stripes = write_image_set(tmp_path / "stripes", "stripes", count=2, seed=1)
+    images = sorted(blocks.glob("*.png")) + sorted(stripes.glob("*.png"))
 
-    result = inception_score(random_images(4), splits=2, weights_path=with_head, progress=False)
+    result = inception_score(images, splits=1, weights_path=with_head, progress=False)
+    network = load_inception("logits_unbiased", weights_path=with_head)
+    with torch.inference_mode():
+        logits = network(next(uint8_batches(images, 4))).double()  # (4, 1008)
+    p = logits.softmax(dim=1)
+    kl = (p * (p.log() - p.mean(dim=0, keepdim=True).log())).sum(dim=1)  # (4,)
+    expected = float(kl.mean().exp())
     assert result.n == 4
-    assert 1.0 <= result.value <= 2.0  # IS of a split lies in [1, images per split]
+    assert 2.0 < expected < 4.0  # the random head tells the images apart (measured 3.56)
+    assert result.value == pytest.approx(expected, rel=1e-4)
 
 
 def test_dataset_reference_matches_the_same_images_in_a_folder(

@@ -1,4 +1,4 @@
-"""Generation: per-image seeds, PNGs written as made, interrupted runs resume exactly."""
+"""Generation: per-image seeds, fixed batches, PNGs written as made, resumes exact, never stale."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from distill.errors import UserInputError
-from eval.generate import MANIFEST, generate_images, image_path
+from eval.generate import MANIFEST, delete_generated_images, generate_images, image_path
 
 PROMPTS = ["a photo of a Dress", "a photo of a Bag", "a photo of a Coat", "a photo of a Sneaker"]
 FAST = {"num_inference_steps": 2, "guidance_scale": 7.5, "progress": False}
@@ -20,6 +21,10 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
+def mtimes(folder: Path, indices) -> dict[int, int]:
+    return {i: image_path(folder, i).stat().st_mtime_ns for i in indices}
+
+
 def test_resume_regenerates_only_the_missing_image_identically(
     tmp_path: Path, student_pipeline
 ) -> None:
@@ -27,7 +32,7 @@ def test_resume_regenerates_only_the_missing_image_identically(
     assert first.newly_generated == [0, 1, 2, 3]
     assert first.seeds == [10, 11, 12, 13]
     original = pixels(image_path(tmp_path, 2))
-    kept_mtimes = {i: image_path(tmp_path, i).stat().st_mtime_ns for i in (0, 1, 3)}
+    kept_mtimes = mtimes(tmp_path, (0, 1, 3))
 
     image_path(tmp_path, 2).unlink()  # as if the run had died before writing it
     second = generate_images(
@@ -35,13 +40,31 @@ def test_resume_regenerates_only_the_missing_image_identically(
     )
 
     assert second.newly_generated == [2]
-    # Generated alone (batch of 1) it equals the batch-of-4 original: one generator per image.
+    # Batches are fixed by index: image 2 is made again inside the same batch of 4 (0..3), since
+    # made alone (a batch of 1) it differs from the original in the last bit on this CPU. Only
+    # the missing file is written; the other three keep their files and mtimes.
+    assert second.images_computed == 4
     np.testing.assert_array_equal(pixels(image_path(tmp_path, 2)), original)
-    assert {i: image_path(tmp_path, i).stat().st_mtime_ns for i in (0, 1, 3)} == kept_mtimes
+    assert mtimes(tmp_path, (0, 1, 3)) == kept_mtimes
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_images_differ_across_seeds_and_manifest_records_them(
+def test_batches_are_fixed_by_index(tmp_path: Path, student_pipeline) -> None:
+    """With batch size 2 a missing image 3 costs the batch (2, 3), not a batch of its own."""
+    generate_images(student_pipeline, PROMPTS[:3], tmp_path, batch_size=2, **FAST)
+    image_path(tmp_path, 2).unlink()
+    resumed = generate_images(student_pipeline, PROMPTS[:3], tmp_path, batch_size=2, **FAST)
+    assert (resumed.newly_generated, resumed.images_computed) == ([2], 1)  # batch [2, 3) ∩ 3
+
+    # A fourth prompt turns the last batch (2) into (2, 3): image 2 is made again beside image 3,
+    # as a run of four from scratch would make it; images 0 and 1 stay.
+    kept = mtimes(tmp_path, (0, 1))
+    more = generate_images(student_pipeline, PROMPTS, tmp_path, batch_size=2, **FAST)
+    assert (more.newly_generated, more.images_computed) == ([2, 3], 2)
+    assert "batch changed" in more.stale and mtimes(tmp_path, (0, 1)) == kept
+
+
+def test_manifest_records_fingerprint_settings_prompts_and_seeds(
     tmp_path: Path, student_pipeline
 ) -> None:
     result = generate_images(
@@ -51,17 +74,62 @@ def test_images_differ_across_seeds_and_manifest_records_them(
     assert not np.array_equal(pixels(result.paths[0]), pixels(result.paths[1]))
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert manifest["images"][1] == {"file": "000001.png", "prompt": PROMPTS[1], "seed": 1}
-    assert manifest["settings"]["num_inference_steps"] == 2
-    assert manifest["settings"]["height"] == 32  # the pipeline's native size
-    assert manifest["settings"]["output_size"] == 16
+    assert manifest["fingerprint"] == result.fingerprint and len(result.fingerprint) == 64
+    settings = manifest["settings"]
+    assert settings["num_inference_steps"] == 2
+    assert settings["height"] == 32  # the pipeline's native size
+    assert settings["output_size"] == 16
+    assert (settings["batch_size"], settings["dtype"], settings["device"]) == (4, "float32", "cpu")
 
 
-def test_rerun_with_other_settings_or_prompts_is_refused(tmp_path: Path, student_pipeline) -> None:
-    generate_images(student_pipeline, PROMPTS[:1], tmp_path, **FAST)
-    with pytest.raises(UserInputError, match="other settings"):
-        generate_images(student_pipeline, PROMPTS[:1], tmp_path, **{**FAST, "guidance_scale": 1.0})
-    with pytest.raises(UserInputError, match="was made for prompt"):
-        generate_images(student_pipeline, PROMPTS[1:2], tmp_path, **FAST)
+def test_a_changed_setting_deletes_the_old_images_and_regenerates(
+    tmp_path: Path, student_pipeline
+) -> None:
+    generate_images(student_pipeline, PROMPTS[:2], tmp_path, **FAST)
+    before = pixels(image_path(tmp_path, 0))
+
+    other = generate_images(
+        student_pipeline, PROMPTS[:2], tmp_path, **{**FAST, "guidance_scale": 1}
+    )
+    assert other.newly_generated == [0, 1]
+    assert "guidance_scale" in other.stale
+    assert not np.array_equal(pixels(image_path(tmp_path, 0)), before)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["settings"]["guidance_scale"] == 1
+
+
+def test_a_changed_prompt_regenerates_only_its_image(tmp_path: Path, student_pipeline) -> None:
+    generate_images(student_pipeline, PROMPTS, tmp_path, batch_size=2, **FAST)
+    kept = mtimes(tmp_path, (0, 1, 2))
+    changed = [*PROMPTS[:3], "a photo of a Trouser"]
+    again = generate_images(student_pipeline, changed, tmp_path, batch_size=2, **FAST)
+    assert again.newly_generated == [3] and again.stale == "1 images with another prompt or seed"
+    assert mtimes(tmp_path, (0, 1, 2)) == kept
+
+    shorter = generate_images(student_pipeline, changed[:2], tmp_path, batch_size=2, **FAST)
+    assert shorter.newly_generated == [] and not image_path(tmp_path, 2).exists()
+
+
+def test_changed_weights_regenerate_every_image(tmp_path: Path, student_pipeline) -> None:
+    """The key is the weights' content, not the model's name: halving the UNet in place (same
+    object, same name) makes every image anew."""
+    first = generate_images(student_pipeline, PROMPTS[:2], tmp_path, **FAST)
+    before = pixels(image_path(tmp_path, 0))
+    with torch.no_grad():
+        for parameter in student_pipeline.unet.parameters():
+            parameter.mul_(0.5)
+
+    second = generate_images(student_pipeline, PROMPTS[:2], tmp_path, **FAST)
+    assert second.fingerprint != first.fingerprint
+    assert second.newly_generated == [0, 1] and "fingerprint changed" in second.stale
+    assert not np.array_equal(pixels(image_path(tmp_path, 0)), before)
+
+
+def test_deleting_generated_images_leaves_other_files(tmp_path: Path, student_pipeline) -> None:
+    generate_images(student_pipeline, PROMPTS[:2], tmp_path, **FAST)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert delete_generated_images(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_scheduler_is_swapped_for_the_call_only(tmp_path: Path, student_pipeline) -> None:
