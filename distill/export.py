@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import yaml
 from diffusers import StableDiffusionPipeline
 
 from distill.errors import UserInputError
+from distill.fingerprints import pipeline_fingerprint, short
 from distill.pipelines import load_sd_pipeline
 from distill.recipe import Recipe, validate_recipe
 from students import count_params
@@ -53,13 +55,46 @@ def export_pipeline(
             raise UserInputError(f"{str(out)!r} is not empty; pass --overwrite to replace it")
         shutil.rmtree(out)
     metrics_data = _read_metrics(metrics, run_dir)
+    evaluated = evaluation_of(metrics_data, pipeline_dir)
 
     pipeline = load_sd_pipeline(pipeline_dir, dtype=EXPORT_DTYPES[dtype])
     pipeline.save_pretrained(out, safe_serialization=True)
     (out / "README.md").write_text(
-        model_card(recipe, pipeline, dtype=dtype, metrics=metrics_data, run_dir=run_dir)
+        model_card(recipe, pipeline, dtype=dtype, metrics=evaluated, run_dir=run_dir)
     )
     return out
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What the model card may say about quality: metrics of exactly these weights, or why not."""
+
+    metrics: dict[str, Any] | None
+    fingerprint: str  # of the run's student_pipeline, the export's source
+    why_not: str = ""
+
+
+def evaluation_of(metrics: dict[str, Any] | None, pipeline_dir: Path) -> Evaluation:
+    """The metrics, only when their student row was computed from the weights being exported.
+
+    A metrics.json of a retrained student, of another run, or from before fingerprints existed
+    would otherwise put numbers on the card that describe some other model.
+    """
+    from eval.report import metrics_fingerprints
+
+    fingerprint = pipeline_fingerprint(pipeline_dir)
+    if metrics is None:
+        return Evaluation(None, fingerprint, "no metrics.json for this run")
+    evaluated = metrics_fingerprints(metrics).get("student")
+    if evaluated != fingerprint:
+        why = (
+            "the metrics given were computed from other weights (student fingerprint "
+            f"{short(evaluated)}, these weights {short(fingerprint)})"
+            if evaluated
+            else "the metrics given do not record which weights they were computed from"
+        )
+        return Evaluation(None, fingerprint, why)
+    return Evaluation(metrics, fingerprint)
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:
@@ -74,7 +109,7 @@ def model_card(
     pipeline: StableDiffusionPipeline,
     *,
     dtype: str,
-    metrics: dict[str, Any] | None,
+    metrics: Evaluation,
     run_dir: Path,
 ) -> str:
     """The exported folder's README.md: what the model is, how it was made, what it scores."""
@@ -136,7 +171,7 @@ def model_card(
         "",
         "## Evaluation",
         "",
-        *_metrics_lines(metrics),
+        *_metrics_lines(metrics, dtype),
         "",
         "## Use",
         "",
@@ -195,15 +230,24 @@ def _read_metrics(metrics: str | Path | None, run_dir: Path) -> dict[str, Any] |
         raise UserInputError(f"metrics file {str(path)!r} is not JSON: {error}") from None
 
 
-def _metrics_lines(metrics: dict[str, Any] | None) -> list[str]:
-    if not metrics:
-        return ["Not evaluated yet: run `distill eval --model THIS_FOLDER --teacher ...`."]
+def _metrics_lines(evaluation: Evaluation, dtype: str) -> list[str]:
+    if evaluation.metrics is None:
+        return [
+            f"Not evaluated: {evaluation.why_not}. Run `distill eval --model "
+            f"RUN/student_pipeline --teacher ...` on these weights (fingerprint "
+            f"{short(evaluation.fingerprint)}), then export again."
+        ]
     from eval.report import ReportRow, markdown_table
 
+    metrics = evaluation.metrics
     settings = metrics.get("settings", {})
     described = ", ".join(f"{k} `{v}`" for k, v in settings.items() if v is not None)
+    precision = "" if dtype == "fp32" else f" (exported here in {dtype})"
     return [
         markdown_table([ReportRow.from_dict(row) for row in metrics["rows"]]),
+        "",
+        f"Measured on the fp32 weights of this student, fingerprint "
+        f"`{short(evaluation.fingerprint)}`{precision}.",
         "",
         f"Settings: {described}." if described else "",
     ]

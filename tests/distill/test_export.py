@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill.cli import main
+from distill.fingerprints import pipeline_fingerprint
 from distill.recipe import validate_recipe
 from distill.trainer import DistillationTrainer
 from testkit.tiny_world import make_tiny_pipeline, tiny_recipe
@@ -65,10 +66,7 @@ def test_fp16_export_stores_half_precision_weights(finished_run: Path, tmp_path:
 def test_model_card_names_teachers_variant_stages_data_and_steps(
     finished_run: Path, tmp_path: Path
 ) -> None:
-    metrics = tmp_path / "metrics.json"
-    fid = {"value": 12.5, "n": 500, "detail": "seeds 0..499", "unavailable": None}
-    row = {"name": "student", "source": "", "metrics": {"fid": fid}}
-    metrics.write_text(json.dumps({"settings": {"prompts": "fashion"}, "rows": [row]}))
+    metrics = _metrics(tmp_path, pipeline_fingerprint(finished_run / "student_pipeline"))
     out = tmp_path / "exported"
     assert main(["export", str(finished_run), str(out), "--metrics", str(metrics)]) == 0
     card = (out / "README.md").read_text()
@@ -85,6 +83,29 @@ def test_model_card_names_teachers_variant_stages_data_and_steps(
     ):
         assert fact in card, fact
     assert "| student UNet |" in card and "| teacher UNet (`a`) |" in card
+
+
+def _metrics(folder: Path, fingerprint: str | None) -> Path:
+    fid = {"value": 12.5, "n": 500, "detail": "seeds 0..499", "unavailable": None}
+    row = {"name": "student", "source": "", "metrics": {"fid": fid}}
+    if fingerprint is not None:
+        row["fingerprint"] = fingerprint
+    path = folder / "metrics.json"
+    path.write_text(json.dumps({"settings": {"prompts": "fashion"}, "rows": [row]}))
+    return path
+
+
+@pytest.mark.parametrize("fingerprint", ["0" * 64, None], ids=["other weights", "unrecorded"])
+def test_metrics_of_other_weights_never_reach_the_model_card(
+    finished_run: Path, tmp_path: Path, fingerprint
+) -> None:
+    out = tmp_path / "exported"
+    metrics = _metrics(tmp_path, fingerprint)
+    assert main(["export", str(finished_run), str(out), "--metrics", str(metrics)]) == 0
+    card = (out / "README.md").read_text()
+    assert "12.5" not in card
+    assert "Not evaluated: the metrics given" in card
+    assert pipeline_fingerprint(finished_run / "student_pipeline")[:12] in card
 
 
 def test_export_refuses_unfinished_runs_and_non_empty_outputs(
