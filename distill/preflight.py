@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from distill.data.fingerprint import stable_hash
 from distill.errors import UserInputError
 from distill.losses import FeatureLoss, Loss, build_losses
 from distill.recipe import Recipe
@@ -69,9 +70,19 @@ def check_loss_shapes(
                 raise UserInputError(f"{where}: {error}") from None
 
 
+_SHAPES: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}  # stages share UNet configs
+
+
 def _meta_feature_shapes(config: Mapping[str, Any], paths: list[str]) -> dict[str, Any]:
     """path → output shape of that module in one meta forward at the config's native size, or a
-    message (str) saying why the path cannot be tapped."""
+    message (str) saying why the path cannot be tapped. Remembered per (config, paths)."""
+    key = (stable_hash(dict(config)), tuple(dict.fromkeys(paths)))
+    if key not in _SHAPES:
+        _SHAPES[key] = _probe_shapes(config, list(key[1]))
+    return dict(_SHAPES[key])
+
+
+def _probe_shapes(config: Mapping[str, Any], paths: list[str]) -> dict[str, Any]:
     unet = unet_from_config(dict(config), device="meta")
     shapes: dict[str, Any] = {}
     tappable = []

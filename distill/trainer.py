@@ -77,6 +77,7 @@ class DistillationTrainer:
         self.progress = progress
         self.stop_after_steps = stop_after_steps
         self.restart_stage = restart_stage
+        self._owns_accelerator = accelerator is None
         self.accelerator = accelerator or Accelerator(
             mixed_precision=recipe.training.mixed_precision,
             log_with="tensorboard",
@@ -125,7 +126,13 @@ class DistillationTrainer:
         return plan
 
     def cleanup(self) -> None:
-        self.accelerator.end_training()
+        """End the trackers; also the process group when this trainer made the accelerator (a
+        caller's accelerator stays usable, e.g. for the next run)."""
+        if self._owns_accelerator:
+            self.accelerator.end_training()
+        else:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
     def train(self) -> Path | None:
         """Run every stage from the resume point; returns the final pipeline folder, or None when

@@ -71,7 +71,14 @@ def tokenizer_identity(tokenizer: Any) -> str:
     A fast tokenizer's JSON carries its *current* truncation/padding settings, which every
     `tokenizer(..., padding=...)` call rewrites: those two entries are dropped, or the hash would
     change after the first encode.
+
+    Hashing CLIP's 49k-token vocabulary takes ~0.4 s, so the result is kept on the tokenizer,
+    guarded by what a later change to it would alter (its length and settings).
     """
+    guard = (len(tokenizer), tokenizer.model_max_length, getattr(tokenizer, "padding_side", None))
+    known = getattr(tokenizer, "_sd_distill_identity", None)
+    if known is not None and known[0] == guard:
+        return known[1]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         state = json.loads(backend.to_str())
@@ -82,4 +89,9 @@ def tokenizer_identity(tokenizer: Any) -> str:
     state["class"] = type(tokenizer).__name__
     state["model_max_length"] = tokenizer.model_max_length
     state["padding_side"] = getattr(tokenizer, "padding_side", None)
-    return stable_hash(state, length=64)
+    identity = stable_hash(state, length=64)
+    try:
+        tokenizer._sd_distill_identity = (guard, identity)
+    except AttributeError:  # a tokenizer that takes no attributes is hashed every time
+        pass
+    return identity

@@ -1,6 +1,10 @@
 """`distill run` with the student sharded by FSDP2 on CPU processes (a test helper).
 
-    torchrun --nproc_per_node 2 fsdp_run.py RECIPE [STOP_AFTER_STEPS]
+    torchrun --nproc_per_node 2 fsdp_run.py RECIPE[:STOP_AFTER_STEPS] ...
+
+Each argument is one `distill run` (stopped after that many steps when given), one after the
+other in the same processes: `whole.yaml parts.yaml:2 parts.yaml` trains a run through, and
+another interrupted after 2 steps and resumed.
 
 accelerate 1.15 turns FSDP on only for accelerators (its MULTI_CPU path ignores the plugin),
 while torch's FSDP2 (`fully_shard`) runs on CPU with gloo. So this sets the distributed type and
@@ -11,32 +15,43 @@ dicts) is accelerate's and torch's FSDP2 code.
 import sys
 
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 
 from distill.recipe import load_recipe
 from distill.trainer import DistillationTrainer
 
-recipe = load_recipe(sys.argv[1])
-stop = int(sys.argv[2]) if len(sys.argv) > 2 else None
-accelerator = Accelerator(cpu=True)
-accelerator.state.distributed_type = DistributedType.FSDP
-accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
 
-trainer = DistillationTrainer(
-    recipe, accelerator=accelerator, progress=False, stop_after_steps=stop
-)
-build = trainer.stages.build
-
-
-def build_and_report(index, checkpoint):
-    context = build(index, checkpoint)
-    parameters = list(context.student.parameters())
-    shadows = context.ema.shadow_params if context.ema is not None else []
-    sharded = all(isinstance(p, DTensor) for p in parameters + shadows)
-    print(f"rank {accelerator.process_index}: student and EMA sharded: {sharded}", flush=True)
-    return context
+def fsdp_accelerator() -> Accelerator:
+    # A fresh AcceleratorState per run (accelerate keeps per-run preparation state in it), over
+    # the same process group (PartialState is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    return accelerator
 
 
-trainer.stages.build = build_and_report
-trainer.train()
+def run(recipe_path: str, stop: int | None) -> None:
+    accelerator = fsdp_accelerator()
+    trainer = DistillationTrainer(
+        load_recipe(recipe_path), accelerator=accelerator, progress=False, stop_after_steps=stop
+    )
+    build = trainer.stages.build
+
+    def build_and_report(index, checkpoint):
+        context = build(index, checkpoint)
+        parameters = list(context.student.parameters())
+        shadows = context.ema.shadow_params if context.ema is not None else []
+        sharded = all(isinstance(p, DTensor) for p in parameters + shadows)
+        print(f"rank {accelerator.process_index}: student and EMA sharded: {sharded}", flush=True)
+        return context
+
+    trainer.stages.build = build_and_report
+    trainer.train()
+
+
+for argument in sys.argv[1:]:
+    path, _, stop = argument.partition(":")
+    run(path, int(stop) if stop else None)
