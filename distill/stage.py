@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -38,6 +39,7 @@ from distill.losses import Loss, build_losses
 from distill.paths import default_cache_root
 from distill.provenance import RunProvenance, teacher_fingerprint
 from distill.recipe import DataSpec, Recipe, StageSpec, TrainingSpec
+from distill.run_folder import RunFolder
 from distill.step_randomness import EpochOrder
 from distill.taps import unwrap_model
 from distill.teacher import (
@@ -87,13 +89,13 @@ class StageBuilder:
         self,
         recipe: Recipe,
         accelerator: Accelerator,
-        stage_dir: Callable[[int], Path],
+        folder: RunFolder,
         *,
         progress: bool = True,
     ) -> None:
         self.recipe = recipe
         self.accelerator = accelerator
-        self.stage_dir = stage_dir
+        self.folder = folder
         self.progress = progress
         self.run_dir = Path(recipe.output_dir)
         self.mixed_dtype = MIXED_PRECISION_DTYPES[recipe.training.mixed_precision]
@@ -215,7 +217,7 @@ class StageBuilder:
         """Stage 1 builds the student from the init teacher; later stages continue from the
         previous stage's final student (its EMA weights when EMA is on)."""
         if index > 0:
-            previous = self.stage_dir(index - 1) / "unet"
+            previous = self.folder.stage_unet(index - 1)
             if not previous.is_dir():
                 raise UserInputError(f"stage {index + 1} needs the previous stage's {previous}")
             return UNet2DConditionModel.from_pretrained(previous, use_safetensors=True)
@@ -224,6 +226,19 @@ class StageBuilder:
         if self.accelerator.is_main_process:
             (self.run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=2))
         return student if student.dtype == torch.float32 else student.to(torch.float32)
+
+
+def training_accelerator(training: TrainingSpec, logs: Path) -> Accelerator:
+    """accelerate from the recipe and the launcher's settings (DDP or FSDP; DeepSpeed refused)."""
+    accelerator = Accelerator(
+        mixed_precision=training.mixed_precision, log_with="tensorboard", project_dir=str(logs)
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise UserInputError(
+            "DeepSpeed is not supported (the step guard, the EMA and checkpoints are built for "
+            "DDP and FSDP): launch with DDP, or FSDP for a sharded student"
+        )
+    return accelerator
 
 
 def open_cache(

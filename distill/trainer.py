@@ -22,12 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from distill.atomic import atomic_folder, write_text_atomic
 from distill.checkpoint import (
     NonFiniteWeights,
     ResumePlan,
@@ -37,8 +35,15 @@ from distill.checkpoint import (
 )
 from distill.preflight import check_recipe_losses
 from distill.recipe import Recipe
+from distill.run_folder import RunFolder
 from distill.run_log import RunLog
-from distill.stage import StageBuilder, StageContext, final_student, save_stage_grid
+from distill.stage import (
+    StageBuilder,
+    StageContext,
+    final_student,
+    save_stage_grid,
+    training_accelerator,
+)
 from distill.step import distillation_losses, noise_batch
 from distill.step_randomness import sample_generator
 from distill.taps import unwrap_model
@@ -73,30 +78,22 @@ class DistillationTrainer:
         """
         self.recipe = recipe
         self.run_dir = Path(recipe.output_dir)
+        self.folder = RunFolder(self.run_dir, [stage.name for stage in recipe.stages])
         self.resume = resume
         self.progress = progress
         self.stop_after_steps = stop_after_steps
         self.restart_stage = restart_stage
         self._owns_accelerator = accelerator is None
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=recipe.training.mixed_precision,
-            log_with="tensorboard",
-            project_dir=str(self.run_dir / "logs"),
-        )
-        self.stages = StageBuilder(recipe, self.accelerator, self.stage_dir, progress=progress)
+        self.accelerator = accelerator or training_accelerator(recipe.training, self.folder.logs)
+        self.stages = StageBuilder(recipe, self.accelerator, self.folder, progress=progress)
         self.log = RunLog(
-            self.accelerator,
-            self.run_dir / "logs" / "metrics.jsonl",
-            [s.steps for s in recipe.stages],
+            self.accelerator, self.folder.metrics_log, [s.steps for s in recipe.stages]
         )
         self._steps_this_process = 0
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def stage_dir(self, index: int) -> Path:
-        return self.run_dir / "stages" / f"{index + 1:02d}-{self.recipe.stages[index].name}"
+        return self.folder.checkpoints
 
     def setup(self) -> ResumePlan:
         """Check the losses and what a resumed stage trains from, create the run folder (main
@@ -105,7 +102,7 @@ class DistillationTrainer:
         plan = plan_resume(
             self.checkpoint_dir,
             [stage.steps for stage in self.recipe.stages],
-            saved=lambda index: (self.stage_dir(index) / "unet").is_dir(),
+            saved=self.folder.stage_finished,
             resume=self.resume,
             restart_stage=self.restart_stage,
         )
@@ -115,10 +112,7 @@ class DistillationTrainer:
         if self.accelerator.is_main_process:
             for stale in plan.discarded:
                 shutil.rmtree(stale.path, ignore_errors=True)
-            write_text_atomic(
-                self.run_dir / "recipe.yaml",
-                yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False),
-            )
+            self.folder.write_recipe(self.recipe)
             step = plan.checkpoint.state.step if plan.checkpoint else 0
             self.log.rewind(plan.first_stage, step)  # steps after the checkpoint run again
         self.accelerator.init_trackers(self.recipe.name)
@@ -290,22 +284,18 @@ class DistillationTrainer:
         self._save_checkpoint(ctx, ctx.spec.steps)
         final = final_student(ctx, self.accelerator)  # every process; the main one gets it
         if final is not None:
-            with atomic_folder(self.stage_dir(ctx.index) / "unet") as folder:
-                final.save_pretrained(folder, safe_serialization=True)
+            self.folder.save_stage_student(ctx.index, final)
         self._validate(ctx, ctx.spec.steps, final)
         self.accelerator.wait_for_everyone()
 
     def _save_final_pipeline(self) -> Path:
-        last = len(self.recipe.stages) - 1
-        out = self.run_dir / "student_pipeline"
         if self.accelerator.is_main_process:
-            spec = self.recipe.stages[last]
-            components = self.stages.components(spec.teacher or self.recipe.student.init_from)
-            unet = UNet2DConditionModel.from_pretrained(self.stage_dir(last) / "unet")
-            with atomic_folder(out) as folder:
-                components.with_unet(unet).save_pretrained(folder, safe_serialization=True)
+            source = self.stages.source_key(len(self.recipe.stages) - 1)
+            self.folder.save_student_pipeline(
+                self.stages.components(source), len(self.recipe.stages) - 1
+            )
         self.accelerator.wait_for_everyone()
-        return out
+        return self.folder.student_pipeline
 
     def _validate(
         self, ctx: StageContext, step: int, student: UNet2DConditionModel | None = None
@@ -315,12 +305,7 @@ class DistillationTrainer:
             return
         student = student or final_student(ctx, self.accelerator)
         if student is not None:
-            name = f"{ctx.index + 1:02d}-{ctx.spec.name}-step{step:07d}.png"
+            path = self.folder.sample_grid(ctx.index, step)
             save_stage_grid(
-                ctx,
-                student,
-                self.accelerator,
-                self.recipe.training,
-                self.recipe.seed,
-                self.run_dir / "samples" / name,
+                ctx, student, self.accelerator, self.recipe.training, self.recipe.seed, path
             )

@@ -132,3 +132,20 @@ def test_an_fsdp_sharded_run_resumes_bitwise_exact(tmp_path: Path) -> None:
         for name in ("whole", "parts")
     }
     assert all(torch.equal(weights["whole"][k], weights["parts"][k]) for k in weights["whole"])
+
+
+def test_deepspeed_is_refused_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """DeepSpeed would step its engine on every micro-batch and hand back no gradient norm for
+    the guard; the README offers DDP and FSDP only, and a DeepSpeed launch says so."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    import distill.stage
+    from distill.errors import UserInputError
+    from distill.recipe import TrainingSpec
+
+    launched = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
+    monkeypatch.setattr(distill.stage, "Accelerator", lambda **kwargs: launched)
+    with pytest.raises(UserInputError, match="DeepSpeed is not supported"):
+        distill.stage.training_accelerator(TrainingSpec(), tmp_path)
