@@ -37,11 +37,11 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from distill.conditioning import TextConditioning
+from core.families import TextConditioning
 from distill.data import LatentCache, PreprocessSpec, build_latent_cache
-from distill.offline.fashion_mnist import load_fashion_mnist
-from distill.offline.tiny_models import tiny_vae
-from distill.offline.tokenizer import build_clip_tokenizer
+from offline.fashion_mnist import load_fashion_mnist
+from offline.tiny_models import tiny_vae
+from offline.tokenizer import build_clip_tokenizer
 
 GIB = 1024**3
 # SD v1.4's vae/config.json and its text encoder (CLIP ViT-L/14): facts of the public configs.

@@ -28,15 +28,14 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from distill.conditioning import encode_captions
+from core.families import builtin_config, encode_captions, unet_from_config
 from distill.losses import build_losses, validate_loss_blocks
-from distill.offline.fashion_mnist import caption_for, load_fashion_mnist_arrays
-from distill.offline.teacher import fashion_pixels
-from distill.offline.tiny_models import sd_v1_4_toy_config, training_noise_scheduler
 from distill.step import distillation_losses, noise_batch
 from distill.teacher import FrozenTeacher
+from offline.fashion_mnist import caption_for, load_fashion_mnist_arrays
+from offline.teacher import fashion_pixels
+from offline.tiny_models import sd_v1_4_toy_config, training_noise_scheduler
 from students import build_student
-from students.teachers import builtin_config, unet_from_config
 
 LOSS_BLOCKS = {
     "similarity": {"max_positions": 256},

@@ -38,12 +38,12 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
+from core.families import builtin_config, unet_from_config
 from distill.losses import Loss, build_losses, validate_loss_blocks
-from distill.offline.tiny_models import sd_v1_4_toy_config, training_noise_scheduler
 from distill.step import NoisyBatch, distillation_losses, noise_batch
 from distill.teacher import FrozenTeacher
+from offline.tiny_models import sd_v1_4_toy_config, training_noise_scheduler
 from students import build_student, count_params, forward_gflops
-from students.teachers import builtin_config, unet_from_config
 
 TEACHER = "sd-v1-4"
 VARIANT = "base"

@@ -1,4 +1,4 @@
-"""Experiments behind the Fashion-MNIST teacher recipe (`distill.offline.teacher`).
+"""Experiments behind the Fashion-MNIST teacher recipe (`offline.teacher`).
 
 Prints figures; writes grids and teachers under --out. Subcommands:
 
@@ -29,17 +29,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distill.conditioning import encode_captions
-from distill.offline.fashion_mnist import FASHION_CLASSES, load_fashion_mnist_arrays
-from distill.offline.sample_grid import class_prompts, tile
-from distill.offline.teacher import (
+from core.families import encode_captions
+from core.paths import default_cache_root
+from offline.fashion_mnist import FASHION_CLASSES, load_fashion_mnist_arrays
+from offline.sample_grid import class_prompts, tile
+from offline.teacher import (
     caption_table,
     fashion_pixels,
     train_fashion_teachers,
     train_vae,
 )
-from distill.offline.tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
-from distill.offline.tokenizer import build_clip_tokenizer, default_cache_dir
+from offline.tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
+from offline.tokenizer import build_clip_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # The judge: a small classifier
@@ -65,7 +66,7 @@ def classifier_net() -> nn.Module:
 
 def load_classifier() -> nn.Module:
     """Train once (2 epochs, ~1 min) and cache under the sd-distill cache dir."""
-    path = default_cache_dir() / "fashion_classifier.safetensors"
+    path = default_cache_root() / "fashion_classifier.safetensors"
     net = classifier_net()
     if path.is_file():
         net.load_state_dict(load_file(path))

@@ -30,6 +30,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
+from core.errors import UserInputError
 from distill.distributed_state import (
     full_tensors,
     like,
@@ -38,7 +39,6 @@ from distill.distributed_state import (
     optimizer_state,
     student_state,
 )
-from distill.errors import UserInputError
 
 _NAME = re.compile(r"^stage(\d{2})-step(\d{7})$")
 STUDENT_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE = (

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 
 EXIT_BAD_INPUT = 2
 

@@ -1,7 +1,8 @@
-"""Export a finished run as a standard diffusers StableDiffusionPipeline folder with a model card.
+"""Export a finished run as a standard diffusers pipeline folder (StableDiffusionPipeline or
+StableDiffusionXLPipeline, the teacher's family) with a model card.
 
 The folder holds the student UNet plus the teacher's VAE, text encoder, tokenizer and scheduler,
-as safetensors only, and loads with `StableDiffusionPipeline.from_pretrained(folder)` with no
+as safetensors only, and loads with `<its pipeline class>.from_pretrained(folder)` with no
 toolkit code installed.
 """
 
@@ -15,14 +16,13 @@ from typing import Any
 
 import torch
 import yaml
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
-from distill.errors import UserInputError
-from distill.fingerprints import pipeline_fingerprint, short
-from distill.pipelines import load_sd_pipeline
+from core.errors import UserInputError
+from core.families import resolve, unet_folder, unet_from_config
+from core.fingerprints import metrics_fingerprints, pipeline_fingerprint, short
 from distill.recipe import Recipe, validate_recipe
 from students import count_params
-from students.teachers import unet_folder, unet_from_config
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,7 +57,7 @@ def export_pipeline(
     metrics_data = _read_metrics(metrics, run_dir)
     evaluated = evaluation_of(metrics_data, pipeline_dir)
 
-    pipeline = load_sd_pipeline(pipeline_dir, dtype=EXPORT_DTYPES[dtype])
+    pipeline = resolve(pipeline_dir).pipeline(EXPORT_DTYPES[dtype])
     pipeline.save_pretrained(out, safe_serialization=True)
     (out / "README.md").write_text(
         model_card(recipe, pipeline, dtype=dtype, metrics=evaluated, run_dir=run_dir)
@@ -80,8 +80,6 @@ def evaluation_of(metrics: dict[str, Any] | None, pipeline_dir: Path) -> Evaluat
     A metrics.json of a retrained student, of another run, or from before fingerprints existed
     would otherwise put numbers on the card that describe some other model.
     """
-    from eval.report import metrics_fingerprints
-
     fingerprint = pipeline_fingerprint(pipeline_dir)
     if metrics is None:
         return Evaluation(None, fingerprint, "no metrics.json for this run")
@@ -106,7 +104,7 @@ def load_run_recipe(run_dir: Path) -> Recipe:
 
 def model_card(
     recipe: Recipe,
-    pipeline: StableDiffusionPipeline,
+    pipeline: DiffusionPipeline,
     *,
     dtype: str,
     metrics: Evaluation,
@@ -176,7 +174,7 @@ def model_card(
         "## Use",
         "",
         "```python",
-        *_loading_lines(dtype),
+        *_loading_lines(dtype, type(pipeline).__name__),
         'image = pipe("a photo of a bag").images[0]',
         "```",
         "",
@@ -186,20 +184,20 @@ def model_card(
     return "\n".join(lines)
 
 
-def _loading_lines(dtype: str) -> list[str]:
+def _loading_lines(dtype: str, pipeline_class: str) -> list[str]:
     # Half-precision folders must be loaded in that dtype: transformers keeps the text encoder's
     # stored dtype while diffusers would upcast the UNet, and the two would not multiply.
     if dtype == "fp32":
         return [
-            "from diffusers import StableDiffusionPipeline",
+            f"from diffusers import {pipeline_class}",
             "",
-            'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")',
+            f'pipe = {pipeline_class}.from_pretrained("path/to/this/folder")',
         ]
     return [
         "import torch",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline_class}",
         "",
-        "pipe = StableDiffusionPipeline.from_pretrained(",
+        f"pipe = {pipeline_class}.from_pretrained(",
         f'    "path/to/this/folder", torch_dtype={EXPORT_DTYPES[dtype]}',
         ")",
     ]
@@ -237,14 +235,12 @@ def _metrics_lines(evaluation: Evaluation, dtype: str) -> list[str]:
             f"RUN/student_pipeline --teacher ...` on these weights (fingerprint "
             f"{short(evaluation.fingerprint)}), then export again."
         ]
-    from eval.report import ReportRow, markdown_table
-
     metrics = evaluation.metrics
     settings = metrics.get("settings", {})
     described = ", ".join(f"{k} `{v}`" for k, v in settings.items() if v is not None)
     precision = "" if dtype == "fp32" else f" (exported here in {dtype})"
     return [
-        markdown_table([ReportRow.from_dict(row) for row in metrics["rows"]]),
+        metrics.get("table") or "(this metrics.json holds no table; re-run distill eval)",
         "",
         f"Measured on the fp32 weights of this student, fingerprint "
         f"`{short(evaluation.fingerprint)}`{precision}.",

@@ -14,30 +14,38 @@ from typing import Any
 
 import torch
 
-from distill.data.fingerprint import stable_hash
-from distill.errors import UserInputError
+from core.errors import UserInputError
+from core.families import ModelSource, family_for, resolve, unet_from_config
+from core.identity import stable_hash
 from distill.losses import FeatureLoss, Loss, build_losses
 from distill.recipe import Recipe
 from distill.taps import FeatureTaps, resolve_module
-from students import load_teacher_unet, student_config
-from students.teachers import unet_from_config
-
-PROBE_TEXT_LENGTH = 77  # CLIP's context; feature shapes do not depend on it
+from students import student_config
 
 
 def check_recipe_losses(recipe: Recipe) -> None:
-    """Every stage's losses built and shape-checked on meta-device models of the recipe's UNets."""
-    configs: dict[str, dict[str, Any]] = {}
+    """Every stage's teacher of the student's family, and its losses built and shape-checked on
+    meta-device models of the recipe's UNets."""
+    sources: dict[str, ModelSource] = {}
 
-    def config_of(key: str) -> dict[str, Any]:
-        if key not in configs:
-            unet, _ = load_teacher_unet(recipe.teachers[key], weights=False)
-            configs[key] = dict(unet.config)
-        return configs[key]
+    def source_of(key: str) -> ModelSource:
+        if key not in sources:
+            sources[key] = resolve(recipe.teachers[key])
+        return sources[key]
 
-    student = student_config(config_of(recipe.student.init_from), recipe.student.variant)
+    init = source_of(recipe.student.init_from)
+    student = student_config(init.unet_config, recipe.student.variant)
     for index, stage in enumerate(recipe.stages):
-        teacher = config_of(stage.teacher) if stage.teacher is not None else None
+        teacher = None
+        if stage.teacher is not None:
+            source = source_of(stage.teacher)
+            if source.family.name != init.family.name:
+                raise UserInputError(
+                    f"stages.{index}.teacher: {stage.teacher!r} is an {source.family.name} "
+                    f"teacher, but the student is built from {recipe.student.init_from!r}, an "
+                    f"{init.family.name} teacher: a stage teacher must be of the student's family"
+                )
+            teacher = source.unet_config
         try:
             losses = build_losses(stage.losses, student, teacher)
             if teacher is not None:
@@ -92,9 +100,9 @@ def _probe_shapes(config: Mapping[str, Any], paths: list[str]) -> dict[str, Any]
             tappable.append(path)
         except UserInputError as error:
             shapes[path] = str(error)
-    args, kwargs = probe_inputs(unet.config)
+    inputs = family_for(None, dict(config)).probe_inputs(config, device="meta")
     with torch.no_grad(), FeatureTaps(unet, tappable) as taps:
-        unet(*args, **kwargs)
+        unet(**inputs)
     for path in tappable:
         feature = taps.features.get(path)
         shapes[path] = (
@@ -103,27 +111,3 @@ def _probe_shapes(config: Mapping[str, Any], paths: list[str]) -> dict[str, Any]
             else f"module {path!r} does not run in the UNet's forward"
         )
     return shapes
-
-
-def probe_inputs(config: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """(args, kwargs) of one UNet forward on the meta device: batch 1 at the native latent size,
-    with SDXL's added conditioning (pooled text embedding, 6 size/crop ids) when it has one."""
-    size = config["sample_size"]
-    size = size if isinstance(size, int) else size[0]
-    width = config["cross_attention_dim"]
-    width = width if isinstance(width, int) else width[0]
-    meta = {"device": "meta"}
-    args = (
-        torch.empty(1, config["in_channels"], size, size, **meta),  # (B, C, h, w)
-        torch.zeros(1, dtype=torch.long, **meta),  # (B,)
-        torch.empty(1, PROBE_TEXT_LENGTH, width, **meta),  # (B, L, D)
-    )
-    kwargs: dict[str, Any] = {}
-    if config.get("addition_embed_type") == "text_time":
-        time_ids = 6 * config["addition_time_embed_dim"]
-        pooled = config["projection_class_embeddings_input_dim"] - time_ids
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.empty(1, pooled, **meta),
-            "time_ids": torch.empty(1, 6, **meta),
-        }
-    return args, kwargs

@@ -1,7 +1,7 @@
 """What each stage of a run was trained from, so a resume can tell when it changed.
 
 `RUN/provenance.json` records, per stage, the fingerprint of the teacher pipeline whose UNet,
-VAE and text encoder the stage used (`distill.fingerprints`) and the key of the latent cache it
+VAE and text encoder the stage used (`core.fingerprints`) and the key of the latent cache it
 trained on (which covers the dataset, the encoders' weights and the preprocessing). A resume in the
 middle of a stage compares both with what is there now: a teacher retrained at the same path, or
 an edited dataset, would otherwise be mixed silently into a half-trained student. The run stops
@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from distill.errors import UserInputError
-from distill.fingerprints import folder_fingerprint, short
+from core.errors import UserInputError
+from core.fingerprints import folder_fingerprint, short
 
 PROVENANCE_FILE = "provenance.json"
 

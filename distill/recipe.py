@@ -22,9 +22,10 @@ from pydantic import (
     model_validator,
 )
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
+from core.paths import HUB_ID
 from distill.losses import LossOptions, reads_teacher, validate_loss_blocks
-from distill.paths import HUB_ID
+from students import VARIANTS
 
 
 class _Strict(BaseModel):
@@ -32,10 +33,17 @@ class _Strict(BaseModel):
 
 
 class StudentSpec(_Strict):
-    variant: Literal["base", "small", "tiny"] = "base"
+    variant: str = "base"  # a students.VARIANTS name
     # Which teacher's weights initialize the student; its VAE, text encoder, tokenizer and
     # scheduler are the student pipeline's components.
     init_from: str
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, name: str) -> str:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
+        return name
 
 
 class DataSpec(_Strict):
@@ -187,9 +195,16 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 def validation_error(error: ValidationError, source: str, prefix: str = "") -> UserInputError:
     """pydantic's first complaint as one line: `source: key.sub: what is wrong`."""
     first = error.errors()[0]
-    location = prefix + ".".join(str(part) for part in first["loc"]) or "(top level)"
+    # A union field (`layer_pairs`: a list or a preset name) puts the member's type in the path,
+    # e.g. `list[tuple[str, str]]`; users wrote keys and indices, so only those are shown.
+    parts = [str(part) for part in first["loc"] if not _is_union_tag(part)]
+    location = prefix + ".".join(parts) or "(top level)"
     message = first["msg"].removeprefix("Value error, ")
     return UserInputError(f"{source}: {location}: {message}")
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("none", "str", "int", "float"))
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from diffusers import UNet2DConditionModel
 
-from distill.atomic import atomic_folder, write_text_atomic
+from core.atomic import atomic_folder, write_text_atomic
 from distill.recipe import Recipe
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from distill.atomic import write_text_atomic
+from core.atomic import write_text_atomic
 
 
 class RunLog:

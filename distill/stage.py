@@ -22,8 +22,10 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from core.errors import UserInputError
+from core.families import Conditioning
+from core.paths import default_cache_root
 from distill.checkpoint import Checkpoint, restore_training_checkpoint
-from distill.conditioning import TextConditioning
 from distill.data import (
     LatentCache,
     PreprocessSpec,
@@ -34,9 +36,7 @@ from distill.data import (
 from distill.data.build import ProcessLayout
 from distill.data.loader import MicroBatches, micro_batches
 from distill.distributed_state import full_tensors, student_state
-from distill.errors import UserInputError
 from distill.losses import Loss, build_losses
-from distill.paths import default_cache_root
 from distill.provenance import RunProvenance, teacher_fingerprint
 from distill.recipe import DataSpec, Recipe, StageSpec, TrainingSpec
 from distill.run_folder import RunFolder
@@ -63,7 +63,7 @@ class StageContext:
     components: PipelineComponents  # VAE / text encoder / scheduler that built the cache
     teacher: FrozenTeacher | None
     cache: LatentCache
-    conditioning: TextConditioning  # caption fields of a batch -> the UNet's text inputs
+    conditioning: Conditioning  # a batch's cached fields -> the UNet's conditioning inputs
     order: EpochOrder
     noise_scheduler: DDPMScheduler
     student: torch.nn.Module  # prepared (possibly wrapped) student
@@ -198,7 +198,7 @@ class StageBuilder:
             components=components,
             teacher=teacher,
             cache=cache,
-            conditioning=stage_conditioning(components, accelerator.device),
+            conditioning=components.conditioning(encoders=True, device=accelerator.device),
             order=order,
             noise_scheduler=components.training_scheduler(),
             student=student,
@@ -266,7 +266,7 @@ def open_cache(
         dataset,
         dataset_fingerprint=fingerprint,
         vae=components.vae,
-        conditioning=TextConditioning(components.tokenizer, components.text_encoder),
+        conditioning=components.conditioning(encoders=False),
         preprocess=PreprocessSpec(data.resolution, data.center_crop, data.random_flip),
         cache_root=Path(data.cache_dir) if data.cache_dir else default_cache_root(),
         batch_size=data.encode_batch_size,
@@ -282,12 +282,6 @@ def open_cache(
         seed=seed,
         check_key=check_key,
     )
-
-
-def stage_conditioning(components: PipelineComponents, device: torch.device) -> TextConditioning:
-    """The stage teacher's frozen text encoder on `device`, for the step (the cache holds ids)."""
-    encoder = components.text_encoder.to(device).eval().requires_grad_(False)
-    return TextConditioning(components.tokenizer, encoder)
 
 
 def make_optimizer(

@@ -17,7 +17,7 @@ from types import TracebackType
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 
 
 def _wrapped_module(model: nn.Module) -> nn.Module | None:

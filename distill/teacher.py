@@ -12,20 +12,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from torch import nn
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from distill.errors import UserInputError
-from distill.pipelines import load_sd_pipeline, with_unet
+from core.errors import UserInputError
+from core.families import Conditioning, ModelFamily, resolve
 
 
 @dataclass
 class PipelineComponents:
-    """The parts of an SD pipeline the engine uses, loaded from one folder or hub id."""
+    """The teacher pipeline the engine uses (any family), loaded from one folder or hub id."""
 
     source: str
-    pipeline: StableDiffusionPipeline
+    pipeline: DiffusionPipeline
+    family: ModelFamily
 
     @property
     def unet(self) -> UNet2DConditionModel:
@@ -35,25 +35,27 @@ class PipelineComponents:
     def vae(self) -> AutoencoderKL:
         return self.pipeline.vae
 
-    @property
-    def text_encoder(self) -> CLIPTextModel:
-        return self.pipeline.text_encoder
-
-    @property
-    def tokenizer(self) -> CLIPTokenizer:
-        return self.pipeline.tokenizer
+    def conditioning(self, *, encoders: bool, device: torch.device | None = None) -> Conditioning:
+        """The family's conditioning: tokenizers only for the cache; with `encoders`, its text
+        encoders frozen (eval, no grad) and on `device`, for the step."""
+        if encoders and device is not None:
+            for name, module in self.pipeline.components.items():
+                if name.startswith("text_encoder") and module is not None:
+                    module.to(device).eval().requires_grad_(False)
+        return self.family.conditioning(self.pipeline, encoders=encoders)
 
     def training_scheduler(self) -> DDPMScheduler:
         """The forward-noising process the teacher was trained with (betas, prediction type)."""
         return DDPMScheduler.from_config(self.pipeline.scheduler.config)
 
-    def with_unet(self, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+    def with_unet(self, unet: UNet2DConditionModel) -> DiffusionPipeline:
         """This pipeline around another UNet (the student, or the frozen teacher's)."""
-        return with_unet(self.pipeline, unet)
+        return self.family.with_unet(self.pipeline, unet)
 
 
 def load_pipeline_components(source: str) -> PipelineComponents:
-    return PipelineComponents(source=source, pipeline=load_sd_pipeline(source))
+    resolved = resolve(source)
+    return PipelineComponents(source=source, pipeline=resolved.pipeline(), family=resolved.family)
 
 
 class FrozenTeacher(nn.Module):
@@ -102,7 +104,13 @@ def check_compatible(
     student: UNet2DConditionModel, teacher: UNet2DConditionModel, name: str
 ) -> None:
     """A teacher must read the student's inputs and predict the same target space."""
-    for key in ("in_channels", "out_channels", "cross_attention_dim", "sample_size"):
+    for key in (
+        "in_channels",
+        "out_channels",
+        "cross_attention_dim",
+        "sample_size",
+        "addition_embed_type",  # SDXL reads pooled text and size ids, SD 1.x/2.x does not
+    ):
         student_value, teacher_value = student.config.get(key), teacher.config.get(key)
         if student_value != teacher_value:
             raise UserInputError(

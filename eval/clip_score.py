@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from eval.image_io import open_rgb, to_uint8_tensor
 from eval.results import MetricResult, MetricUnavailable
 

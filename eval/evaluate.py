@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
-from distill.errors import UserInputError
-from distill.fingerprints import pipeline_fingerprint, short
-from distill.pipelines import load_sd_pipeline
+from core.errors import UserInputError
+from core.families import load_pipeline as load_family_pipeline
+from core.fingerprints import pipeline_fingerprint, short
 from eval.clip_score import ClipBackend, clip_score, load_clip_backend
 from eval.fashion_classifier import ClassifierSettings, FashionClassifier, load_fashion_classifier
 from eval.fid import (
@@ -68,17 +68,18 @@ GRID_COLUMNS = 8
 
 
 def load_pipeline(
-    model: str | Path | StableDiffusionPipeline, device: torch.device, dtype: torch.dtype
-) -> StableDiffusionPipeline:
-    """A pipeline object as it is, or a folder / hub id loaded without the safety checker."""
-    if isinstance(model, StableDiffusionPipeline):
+    model: str | Path | DiffusionPipeline, device: torch.device, dtype: torch.dtype
+) -> DiffusionPipeline:
+    """A pipeline object as it is, or a folder / hub id loaded by its family (SD without the
+    safety checker, SDXL as it is)."""
+    if isinstance(model, DiffusionPipeline):
         return model
-    return load_sd_pipeline(model, dtype=dtype).to(device)
+    return load_family_pipeline(model, dtype).to(device)
 
 
 def evaluate(
-    model_dir: str | Path | StableDiffusionPipeline,
-    teacher_dir: str | Path | StableDiffusionPipeline | None,
+    model_dir: str | Path | DiffusionPipeline,
+    teacher_dir: str | Path | DiffusionPipeline | None,
     prompts: str | Path | Sequence[str],
     num_images: int | None,
     reference: str | Path | Any | None,
@@ -292,8 +293,8 @@ def evaluate(
 
 def evaluate_protocol(
     protocol: EvalProtocol,
-    model_dir: str | Path | StableDiffusionPipeline,
-    teacher_dir: str | Path | StableDiffusionPipeline | None,
+    model_dir: str | Path | DiffusionPipeline,
+    teacher_dir: str | Path | DiffusionPipeline | None,
     reference: str | Path | Any | None,
     out_dir: str | Path,
     **overrides: Any,
@@ -492,7 +493,7 @@ def _generation_info(images: GeneratedImages) -> dict[str, Any]:
     }
 
 
-def _folder_fingerprint(model: str | Path | StableDiffusionPipeline) -> str | None:
+def _folder_fingerprint(model: str | Path | DiffusionPipeline) -> str | None:
     """The fingerprint of a local pipeline folder; None for a pipeline object or a hub id (their
     loaded components are hashed instead)."""
     if isinstance(model, str | Path) and Path(model).is_dir():
@@ -504,7 +505,7 @@ def _folder_fingerprint(model: str | Path | StableDiffusionPipeline) -> str | No
 
 
 def _latencies(
-    pipeline: StableDiffusionPipeline,
+    pipeline: DiffusionPipeline,
     images: GeneratedImages,
     seed: int,
     warmup: int,

@@ -20,7 +20,7 @@ Input: what the training images go through, `classifier_input` on uint8 (B, C, H
 mean as grey (the offline world's RGB images are grey copied into three channels, so this is the
 exact grey level; for generated images, their luminance as the classifier was taught it), scaled to
 [-1, 1], then bilinearly resized to 32×32. For the 28 px training images this is exactly
-`distill.offline.teacher.fashion_pixels`, what the teachers were trained on (tested); the tiny
+`offline.teacher.fashion_pixels`, what the teachers were trained on (tested); the tiny
 pipelines' 32 px images pass through without a resize.
 """
 
@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distill.errors import UserInputError
-from distill.paths import default_cache_root
+from core.errors import UserInputError
+from core.paths import default_cache_root
 
 # Part of the cache key: bump it when the network, `classifier_input` or the training loop change.
 CLASSIFIER_VERSION = "fashion-cnn-16-32/grey-mean-bilinear-32/onecycle-adam/v1"
@@ -151,7 +151,7 @@ def load_fashion_classifier(
     progress: bool = True,
 ) -> FashionClassifier:
     """The cached classifier for `settings`, trained (and cached) first if there is none."""
-    from distill.offline.fashion_mnist import load_fashion_mnist_arrays
+    from offline.fashion_mnist import load_fashion_mnist_arrays
 
     settings = settings or ClassifierSettings()
     train_images, train_labels = load_fashion_mnist_arrays("train")  # (60000, 28, 28), (60000,)

@@ -35,8 +35,8 @@ from PIL import Image
 from torchmetrics.image.fid import NoTrainInceptionV3, _compute_fid
 from tqdm.auto import tqdm
 
-from distill.errors import UserInputError
-from distill.offline.tokenizer import default_cache_dir
+from core.errors import UserInputError
+from core.paths import default_cache_root
 from eval.fid_bootstrap import (
     DEFAULT_RESAMPLES,
     MIN_ROWS,
@@ -304,7 +304,7 @@ def reference_statistics(
         f"{_content_key(reference, images, image_column)}|{weights_digest(weights)}|"
         f"{PREPROCESSING_ID}|{resize_to}".encode()
     ).hexdigest()[:32]
-    cache_file = Path(cache_dir or default_cache_dir()) / "fid-stats" / f"{key}.npz"
+    cache_file = Path(cache_dir or default_cache_root()) / "fid-stats" / f"{key}.npz"
     if cache_file.is_file():
         return FIDStatistics.load(cache_file)
     if inception is None:

@@ -1,4 +1,4 @@
-"""Images for a prompt list from a diffusers `StableDiffusionPipeline`, resumable, never stale.
+"""Images for a prompt list from a diffusers pipeline of any family, resumable, never stale.
 
 Image i uses prompt i and seed `base_seed + i`, with its own CPU `torch.Generator`: its initial
 noise does not depend on the device or on which images were already on disk. Batches are fixed by
@@ -9,7 +9,7 @@ temporary name, so a killed run never leaves half a PNG). A rerun into the same 
 a batch with any image missing is generated again as a whole and only the missing files are
 written, so an interrupted run ends bit-identical to an uninterrupted one.
 
-`manifest.json` records the model's fingerprint (`distill.fingerprints`: a content hash of its
+`manifest.json` records the model's fingerprint (`core.fingerprints`: a content hash of its
 weights), every generation setting, and each image's prompt and seed. When the fingerprint or a
 setting differs from what is on disk (a student retrained at the same path, another guidance
 scale), the old images are deleted and generated anew; an image whose prompt or seed changed is
@@ -34,16 +34,16 @@ from typing import Any
 import torch
 from diffusers import (
     DDIMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionPipeline,
 )
 from PIL import Image
 from tqdm.auto import tqdm
 
-from distill.errors import UserInputError
-from distill.fingerprints import pipeline_fingerprint, short
+from core.errors import UserInputError
+from core.fingerprints import pipeline_fingerprint, short
 from eval.image_io import resize_square
 
 MANIFEST = "manifest.json"
@@ -88,7 +88,7 @@ def image_path(folder: str | Path, index: int) -> Path:
     return Path(folder) / f"{index:06d}.png"
 
 
-def scheduler_for(pipeline: StableDiffusionPipeline, name: str) -> Any:
+def scheduler_for(pipeline: DiffusionPipeline, name: str) -> Any:
     """The pipeline's scheduler if it already is `name`, else `name` built from its config."""
     if name not in SCHEDULERS:
         raise UserInputError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
@@ -101,7 +101,7 @@ def scheduler_for(pipeline: StableDiffusionPipeline, name: str) -> Any:
 
 
 @contextmanager
-def using_scheduler(pipeline: StableDiffusionPipeline, name: str) -> Iterator[None]:
+def using_scheduler(pipeline: DiffusionPipeline, name: str) -> Iterator[None]:
     """Run the pipeline with scheduler `name` inside the block, then restore its own."""
     original = pipeline.scheduler
     pipeline.scheduler = scheduler_for(pipeline, name)
@@ -112,7 +112,7 @@ def using_scheduler(pipeline: StableDiffusionPipeline, name: str) -> Iterator[No
 
 
 def generate_images(
-    pipeline: StableDiffusionPipeline,
+    pipeline: DiffusionPipeline,
     prompts: Sequence[str],
     out_dir: str | Path,
     *,
@@ -133,7 +133,7 @@ def generate_images(
     size; `output_size` resizes the saved images to squares of that side (BK-SDM: 512 → 256). The
     pipeline's scheduler is swapped for `scheduler` during the call and restored after it.
 
-    `fingerprint` identifies the weights (`distill.fingerprints.pipeline_fingerprint` of the folder
+    `fingerprint` identifies the weights (`core.fingerprints.pipeline_fingerprint` of the folder
     the pipeline was loaded from); None hashes the loaded pipeline's components instead."""
     if not prompts:
         raise UserInputError("no prompts to generate images for")

@@ -25,10 +25,10 @@ from PIL import Image
 from torch import nn
 from torchmetrics.image.inception import InceptionScore
 
-from distill.offline.fashion_mnist import CAPTION_TEMPLATES, FASHION_CLASSES, caption_for
 from eval.fashion_classifier import FashionClassifier
 from eval.image_io import uint8_batches
 from eval.results import MetricResult, MetricUnavailable
+from offline.fashion_mnist import CAPTION_TEMPLATES, FASHION_CLASSES, caption_for
 
 
 @lru_cache(maxsize=1)

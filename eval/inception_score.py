@@ -16,7 +16,7 @@ from PIL import Image
 from torchmetrics.image.inception import InceptionScore
 from tqdm.auto import tqdm
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from eval.image_io import uint8_batches
 from eval.inception import (
     TORCH_FIDELITY_FILE,

@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 
 COCO30K = "coco30k"
 FASHION = "fashion"
@@ -82,7 +82,7 @@ def coco30k_prompts(captions_path: str | Path | None = None, num: int = COCO30K_
 
 def fashion_class_prompts(num: int = FASHION_DEFAULT_SIZE, seed: int = 0) -> list[str]:
     """`num` class-balanced Fashion-MNIST captions; the same (num, seed) gives the same list."""
-    from distill.offline.fashion_mnist import fashion_prompts
+    from offline.fashion_mnist import fashion_prompts
 
     return fashion_prompts(num, seed)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from eval.report import ReportRow
 from eval.results import MetricResult
 

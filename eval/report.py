@@ -5,7 +5,7 @@ A row is one model (or a published reference result); each metric is a `MetricRe
 cell is a number (with its interval, where one was computed), "n/a" with a numbered footnote under
 the table saying why it could not be computed, or "—" where it does not apply (a teacher has no
 fidelity to itself). Each row records the fingerprint of the weights it was computed from
-(`distill.fingerprints`); `metrics_fingerprints` reads them back, so `distill export` can tell
+(`core.fingerprints`); `metrics_fingerprints` reads them back, so `distill export` can tell
 whether a metrics.json describes the weights it exports.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from core.fingerprints import metrics_fingerprints  # noqa: F401  (re-exported)
 from eval.results import MetricResult
 
 GRID_FILE = "comparison_grid.png"
@@ -86,21 +87,6 @@ class ReportRow:
             fingerprint=data.get("fingerprint"),
             generation=data.get("generation") or {},
         )
-
-
-def metrics_fingerprints(metrics: dict[str, Any]) -> dict[str, str]:
-    """Row name -> fingerprint of the pipeline whose metrics that row holds, read from a loaded
-    metrics.json: {"teacher": ..., "student": ...}. Rows without one (published reference rows,
-    files written before fingerprints existed) are absent, so a caller comparing
-    `metrics_fingerprints(data).get("student")` with the fingerprint of the weights it holds gets
-    None, never a false match. The student row's fidelity FID also depends on the teacher's
-    weights, recorded under "teacher"."""
-    fingerprints = {}
-    for row in metrics.get("rows", []):
-        fingerprint = row.get("fingerprint") if isinstance(row, dict) else None
-        if isinstance(fingerprint, str) and fingerprint:
-            fingerprints[row["name"]] = fingerprint
-    return fingerprints
 
 
 @dataclass
@@ -198,6 +184,7 @@ def write_report(
         "settings": settings or {},
         "fingerprints": {row.name: row.fingerprint for row in rows if row.fingerprint},
         "rows": [row.to_dict() for row in rows],
+        "table": markdown_table(rows),  # as shown here, for model cards (distill export)
     }
     if comparisons:
         data["comparisons"] = {key: result.to_dict() for key, result in comparisons.items()}

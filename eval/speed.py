@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from eval.generate import using_scheduler
 from eval.results import MetricResult
@@ -78,7 +78,7 @@ def unet_step_latency(
 
 
 def pipeline_latency(
-    pipeline: StableDiffusionPipeline,
+    pipeline: DiffusionPipeline,
     prompt: str,
     *,
     num_inference_steps: int = 25,

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
+from core.families import unet_from_config
 from students.init_map import block_pairs, init_map
-from students.teachers import unet_from_config
 from students.variants import StudentVariant, get_variant, student_config
 
 

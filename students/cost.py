@@ -13,45 +13,46 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-TEXT_SEQUENCE_LENGTH = 77  # CLIP's context length, the encoder_hidden_states length in SD
+from core.families import family_for
 
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def transformer_depths(unet: torch.nn.Module) -> dict[str, Any]:
+    """Transformer layers per block, as the UNet holds them: `{"down_blocks": [...], "mid_block":
+    n or None, "up_blocks": [...]}`, 0 for a block without attention (SDXL base: [0, 2, 10], 10,
+    [10, 2, 0]). Read from the modules, so it describes the built student, not its intent."""
+
+    def depth(block: torch.nn.Module | None) -> int | None:
+        if block is None:
+            return None
+        attentions = getattr(block, "attentions", None)
+        if not attentions:
+            return 0
+        return len(attentions[0].transformer_blocks)
+
+    return {
+        "down_blocks": [depth(b) for b in unet.down_blocks],
+        "mid_block": depth(unet.mid_block),
+        "up_blocks": [depth(b) for b in unet.up_blocks],
+    }
+
+
 def dummy_unet_inputs(
     unet: UNet2DConditionModel, batch_size: int = 1, sample_size: int | None = None
 ) -> dict[str, Any]:
-    """Inputs of the right shapes for one forward of `unet`, on its device and dtype.
-
-    SDXL-style UNets (`addition_embed_type="text_time"`) also need pooled text embeddings and the
-    six micro-conditioning time ids, whose widths follow from the config.
-    """
-    config = unet.config
-    device, dtype = unet.device, unet.dtype
-    size = sample_size or config.sample_size
-    cross_dim = config.cross_attention_dim
-    cross_dim = cross_dim[0] if isinstance(cross_dim, list | tuple) else cross_dim
-    inputs: dict[str, Any] = {
-        "sample": torch.randn(
-            batch_size, config.in_channels, size, size, device=device, dtype=dtype
-        ),
-        "timestep": torch.full((batch_size,), 500, device=device, dtype=torch.long),
-        "encoder_hidden_states": torch.randn(
-            batch_size, TEXT_SEQUENCE_LENGTH, cross_dim, device=device, dtype=dtype
-        ),
-    }
-    if config.addition_embed_type == "text_time":
-        n_time_ids = 6  # original size (2), crop top-left (2), target size (2)
-        text_dim = config.projection_class_embeddings_input_dim - (
-            n_time_ids * config.addition_time_embed_dim
-        )
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch_size, text_dim, device=device, dtype=dtype),
-            "time_ids": torch.zeros(batch_size, n_time_ids, device=device, dtype=dtype),
-        }
-    return inputs
+    """Inputs of the right shapes for one forward of `unet`, on its device and dtype, as its
+    model family defines them (SDXL-style UNets also take pooled text and size ids)."""
+    family = family_for(None, dict(unet.config))
+    return family.probe_inputs(
+        unet.config,
+        batch_size=batch_size,
+        sample_size=sample_size,
+        device=unet.device,
+        dtype=unet.dtype,
+    )
 
 
 @torch.no_grad()

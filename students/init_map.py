@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from students.teachers import unet_from_config
+from core.families import unet_from_config
 from students.variants import max_layers_per_block
 
 # `down_blocks.1.resnets.0.conv1.weight` -> ("down_blocks", "1", "resnets", "0", ".conv1.weight");
@@ -116,26 +116,52 @@ def teacher_key_for(
 
 
 def self_attention_pairs(
-    student_config: Mapping[str, Any], teacher_config: Mapping[str, Any], projection: str = "to_q"
+    student_config: Mapping[str, Any],
+    teacher_config: Mapping[str, Any],
+    projection: str | None = "to_q",
+    blocks: tuple[str, ...] | None = None,
 ) -> list[tuple[str, str]]:
-    """(student, teacher) paths of one projection (`to_q`, `to_k`, `to_v`) of every student
-    self-attention (`attn1`), each paired with the teacher attention it is initialized from.
+    """(student, teacher) paths of every student self-attention (`attn1`), or of one of its
+    projections (`to_q`, `to_k`, `to_v`), each paired with the teacher attention it is
+    initialized from: transformer layer k with the teacher's layer k (a student keeps the first
+    ones). `blocks`: only paths under these prefixes (e.g. the deepest stage's blocks).
 
     Module names come from meta-device models built from the configs (no weights), so the list
     follows any block layout and transformer depth; pairs whose teacher module does not exist are
     left out.
     """
-    suffix = f".attn1.{projection}"
+    suffix = ".attn1" if projection is None else f".attn1.{projection}"
     teacher = unet_from_config(dict(teacher_config), "meta")
     teacher_paths = {name for name, _ in teacher.named_modules()}
     student = unet_from_config(dict(student_config), "meta")
     pairs = []
     for path, _ in student.named_modules():
-        if path.endswith(suffix):
-            teacher_path = teacher_key_for(path, student_config, teacher_config)
-            if teacher_path in teacher_paths:
-                pairs.append((path, teacher_path))
+        if not path.endswith(suffix) or (blocks and not path.startswith(blocks)):
+            continue
+        teacher_path = teacher_key_for(path, student_config, teacher_config)
+        if teacher_path in teacher_paths:
+            pairs.append((path, teacher_path))
     return pairs
+
+
+def deepest_self_attention_pairs(
+    student_config: Mapping[str, Any], teacher_config: Mapping[str, Any]
+) -> list[tuple[str, str]]:
+    """KOALA's self-attention distillation layers (Lee et al. 2023, arXiv 2312.04005, which found
+    self-attention the feature that matters most): the outputs of the self-attentions at the
+    student's deepest resolution (its last down block, the mid block, its first up block),
+    transformer layer by layer, each against the teacher's layer of the same depth."""
+    last = len(student_config["down_block_types"]) - 1
+    deepest = (f"down_blocks.{last}.", "mid_block.", "up_blocks.0.")
+    return self_attention_pairs(student_config, teacher_config, None, blocks=deepest)
+
+
+# Named sets of layer pairs a feature loss can use instead of an explicit list.
+PAIR_PRESETS = {
+    "stage_outputs": block_pairs,
+    "self_attention": lambda s, t: self_attention_pairs(s, t, None),
+    "koala": deepest_self_attention_pairs,
+}
 
 
 def init_map(

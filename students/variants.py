@@ -17,16 +17,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
+from core.families import family_for
 
 
 @dataclass(frozen=True)
 class StudentVariant:
+    """How a student shrinks its teacher. `transformer_depth`: transformer layers per down block
+    (index 0 = highest resolution; blocks without attention ignore theirs), each block keeping
+    the teacher's first ones; the mid block keeps the deepest block's depth. None: the teacher's.
+    `family`: the teacher family it is defined for (None: any)."""
+
     name: str
     description: str
     layers_per_block: int = 1
     keep_mid_block: bool = True
     drop_deepest_stage: bool = False
+    transformer_depth: tuple[int, ...] | None = None
+    family: str | None = None
 
 
 VARIANTS: dict[str, StudentVariant] = {
@@ -39,6 +47,24 @@ VARIANTS: dict[str, StudentVariant] = {
             "small without the deepest stage (BK-SDM-Tiny)",
             keep_mid_block=False,
             drop_deepest_stage=True,
+        ),
+        # KOALA (Lee et al. 2023, arXiv 2312.04005): SDXL's UNet (2,567,463,684 parameters) with
+        # one layer per block and the deepest stage's 10 transformer layers cut to 6 (KOALA-1B,
+        # published 1.16B) or to 5 with no mid block (KOALA-700M, published 782M). Block layouts
+        # as the public KOALA checkpoints have them (ComfyUI's model-detection table lists
+        # transformer depths [0, 2, 6] / mid 6 and [0, 2, 5] / no mid, one resnet per block).
+        StudentVariant(
+            "koala-1b",
+            "SDXL, layers_per_block=1, deepest stage 6 transformer layers (KOALA-1B)",
+            transformer_depth=(1, 2, 6),
+            family="sdxl",
+        ),
+        StudentVariant(
+            "koala-700m",
+            "SDXL, layers_per_block=1, deepest stage 5 transformer layers, no mid (KOALA-700M)",
+            keep_mid_block=False,
+            transformer_depth=(1, 2, 5),
+            family="sdxl",
         ),
     )
 }
@@ -79,6 +105,12 @@ def student_config(teacher_config: Mapping[str, Any], variant: str | StudentVari
     """
     variant = get_variant(variant)
     config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    family = family_for(None, config).name
+    if variant.family is not None and variant.family != family:
+        raise UserInputError(
+            f"variant {variant.name!r} is defined for {variant.family} teachers; this is an "
+            f"{family} teacher (variants for any teacher: base, small, tiny)"
+        )
     teacher_layers = max_layers_per_block(config)
     if variant.name == "base" and teacher_layers <= variant.layers_per_block:
         raise UserInputError(
@@ -87,10 +119,32 @@ def student_config(teacher_config: Mapping[str, Any], variant: str | StudentVari
         )
     config["layers_per_block"] = variant.layers_per_block
     config = _prune_nested_transformer_layers(config, variant.layers_per_block)
+    if variant.transformer_depth is not None:
+        config = _cut_transformer_depth(config, variant)
     if not variant.keep_mid_block:
         config["mid_block_type"] = None
     if variant.drop_deepest_stage:
         config = _drop_deepest_stage(config)
+    return config
+
+
+def _cut_transformer_depth(config: dict, variant: StudentVariant) -> dict:
+    """Each down block keeps the teacher's first `transformer_depth[i]` transformer layers."""
+    depths = list(variant.transformer_depth)
+    teacher = config.get("transformer_layers_per_block", 1)
+    blocks = len(config["down_block_types"])
+    teacher = list(teacher) if isinstance(teacher, list | tuple) else [teacher] * blocks
+    if len(teacher) != len(depths) or any(isinstance(d, list | tuple) for d in teacher):
+        raise UserInputError(
+            f"variant {variant.name!r} is defined for {len(depths)}-stage teachers with one "
+            f"transformer depth per block (an {variant.family or 'SD'} UNet); this teacher has "
+            f"transformer_layers_per_block={config.get('transformer_layers_per_block')}"
+        )
+    if any(d > t for d, t in zip(depths, teacher, strict=True)):
+        raise UserInputError(
+            f"variant {variant.name!r} keeps {depths} transformer layers, the teacher has {teacher}"
+        )
+    config["transformer_layers_per_block"] = depths
     return config
 
 

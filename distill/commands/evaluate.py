@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from distill.errors import UserInputError
-from distill.paths import HUB_ID
+from core.errors import UserInputError
+from core.paths import HUB_ID
 
 RESULT_FILES = ("metrics.json", "report.md")
 FASHION_TEST_REFERENCE = "fashion-mnist-test"
@@ -136,10 +136,12 @@ def _reference(args: argparse.Namespace, settings: dict[str, Any]) -> tuple[Any,
     resize = settings.pop("reference_resize", None)
     if args.reference != FASHION_TEST_REFERENCE:
         return args.reference, resize
-    from distill.offline.fashion_mnist import load_fashion_mnist
+    from distill.data import load_image_text_dataset
 
     # The real test set, brought to the generated images' size through the same resize path.
-    reference = load_fashion_mnist("test", max_samples=FASHION_REFERENCE_SIZE)
+    reference = load_image_text_dataset(
+        "fashion-mnist", split="test", max_samples=FASHION_REFERENCE_SIZE
+    )
     return reference, resize or _model_resolution(args.model)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from distill.errors import UserInputError
+from core import plugins
+from core.errors import UserInputError
 from distill.recipe import load_recipe, resolve_paths
 
 
@@ -50,10 +51,12 @@ def run(args: argparse.Namespace) -> int:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
     kind = _recipe_kind(args.recipe)
-    if kind == "teacher":
-        from distill.offline.teacher_recipe import run_teacher_recipe
-
-        return run_teacher_recipe(
+    if kind != "distill":  # a registered recipe kind, e.g. the offline world's teachers
+        run_kind = plugins.load(plugins.RECIPE_KINDS, kind)
+        if run_kind is None:
+            known = ", ".join(["distill", *plugins.registered(plugins.RECIPE_KINDS)])
+            raise UserInputError(f"{args.recipe}: unknown recipe kind {kind!r}; known: {known}")
+        return run_kind(
             args.recipe, args.overrides, overwrite=args.overwrite, progress=not args.no_progress
         )
     recipe = resolve_paths(load_recipe(args.recipe, args.overrides), args.recipe.parent)

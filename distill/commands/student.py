@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from distill.errors import UserInputError
-from students import VARIANTS, build_student, builtin_teachers, count_params, forward_gflops
-from students.teachers import load_teacher_unet
+from core.errors import UserInputError
+from core.families import builtin_names, resolve
+from students import VARIANTS, build_student, count_params, forward_gflops, transformer_depths
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--teacher",
         required=True,
-        help=f"builtin name ({', '.join(builtin_teachers())}), a local diffusers pipeline or unet "
+        help=f"builtin name ({', '.join(builtin_names())}), a local diffusers pipeline or unet "
         "folder, or a hub id",
     )
     parser.add_argument("--variant", default="base", help=f"one of {', '.join(VARIANTS)}")
@@ -37,17 +37,19 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(
             f"unknown variant {args.variant!r}; choose one of {', '.join(VARIANTS)}"
         )
-    if args.out is not None and args.teacher in builtin_teachers():
+    source = resolve(args.teacher)
+    if args.out is not None and source.kind == "builtin":
         raise UserInputError(
             f"--out needs real teacher weights; {args.teacher!r} is a builtin config (meta "
             "device). Pass a local diffusers folder or a hub id"
         )
     if args.out is not None and args.out.exists() and any(args.out.iterdir()):
         raise UserInputError(f"--out folder {str(args.out)!r} is not empty")
-    teacher, name = load_teacher_unet(args.teacher, weights=args.out is not None)
+    teacher = source.unet() if args.out is not None else source.meta_unet()
     student, report = build_student(teacher, args.variant)
     figures = {
-        "teacher": name,
+        "teacher": args.teacher,
+        "family": source.family.name,
         "variant": args.variant,
         "teacher_params": count_params(teacher),
         "student_params": count_params(student),
@@ -55,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         "student_gflops": round(forward_gflops(student), 1),
         "copied_tensors": len(report.copied),
         "fresh_tensors": len(report.fresh),
+        "teacher_transformer_depth": transformer_depths(teacher),
+        "student_transformer_depth": transformer_depths(student),
     }
     if args.out is not None:
         student.save_pretrained(args.out, safe_serialization=True)
@@ -64,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(figures))
     else:
         print(format_table(figures, teacher.config.sample_size))
+        depth = figures["student_transformer_depth"]
+        print(
+            f"transformer layers per block: down {depth['down_blocks']}, "
+            f"mid {depth['mid_block']}, up {depth['up_blocks']}"
+        )
         print(report.summary() if args.verbose else report.summary().splitlines()[0])
         if args.out is not None:
             print(f"saved the student to {args.out}")

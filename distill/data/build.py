@@ -40,6 +40,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from core.errors import UserInputError
+from core.identity import model_identity, stable_hash
 from distill.data.cache import LatentCache
 from distill.data.encode import (
     PreparedRow,
@@ -49,13 +51,13 @@ from distill.data.encode import (
     keep_rows,
     prepare_row,
 )
-from distill.data.fingerprint import model_identity, stable_hash
 from distill.data.preprocess import PreprocessSpec
 from distill.data.shards import (
     CAPTION_PREFIX,
     EMPTY_CAPTION_FILE,
     FORMAT_VERSION,
     META_FILE,
+    SAMPLE_PREFIX,
     SKIP_REASONS,
     STORAGE_DTYPES,
     ShardInfo,
@@ -67,7 +69,6 @@ from distill.data.shards import (
     write_json_atomic,
     write_safetensors_atomic,
 )
-from distill.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def build_latent_cache(
     `cache_root/latents-<key>/`, or reuse or complete the cache there, and open it.
 
     conditioning: gives each caption's fields to store (`caption_fields`) and its `identity()`
-        for the key (`distill.conditioning.TextConditioning`).
+        for the key (`core.families.TextConditioning`).
     dataset_fingerprint: required for a streamed dataset (`sources.streaming_fingerprint`).
     device: where the VAE encodes (it is moved there). storage_dtype: "float16" (about half the
         size; see README) or "float32".
@@ -259,7 +260,13 @@ class _ShardEncoder:
                 self.vae, pixels.to(parameter.device, parameter.dtype)
             )
         per_sample = (len(rows), rows[0].pixels.shape[0], *mean.shape[1:])  # (B, V, C, h, w)
-        buffer.add(rows, mean.reshape(per_sample).cpu(), logvar.reshape(per_sample).cpu())
+        fields = [
+            self.conditioning.sample_fields(
+                row.original_size, row.crop_top_left, self.preprocess.resolution
+            )
+            for row in rows
+        ]
+        buffer.add(rows, mean.reshape(per_sample).cpu(), logvar.reshape(per_sample).cpu(), fields)
 
     def _warn(self, row: PreparedRow) -> None:
         if row.problem == "unreadable_image":
@@ -383,9 +390,13 @@ def _write_meta(
     first = next(s for s in shards if s.count)
     with safe_open(str(folder / first.file), framework="pt") as handle:
         _, num_variants, *latent_shape = handle.get_slice("latent_mean").get_shape()
-        fields = [
-            name[len(CAPTION_PREFIX) :] for name in handle.keys() if name.startswith(CAPTION_PREFIX)
-        ]
+        names = list(handle.keys())
+    fields = [
+        name.removeprefix(CAPTION_PREFIX) for name in names if name.startswith(CAPTION_PREFIX)
+    ]
+    per_image = [
+        name.removeprefix(SAMPLE_PREFIX) for name in names if name.startswith(SAMPLE_PREFIX)
+    ]
     config = builder.vae.config
     write_json_atomic(
         folder / META_FILE,
@@ -399,6 +410,7 @@ def _write_meta(
             "variants": ["original", "flipped"][:num_variants],
             "latent_shape": latent_shape,
             "caption_fields": sorted(fields),
+            "sample_fields": sorted(per_image),
             "storage_dtype": str(builder.dtype).removeprefix("torch."),
             "scaling_factor": getattr(config, "scaling_factor", None),
             "shift_factor": getattr(config, "shift_factor", None),

@@ -26,8 +26,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from distill.data.shards import CAPTION_PREFIX, EMPTY_CAPTION_FILE, META_FILE, read_meta, shard_name
-from distill.errors import UserInputError
+from core.errors import UserInputError
+from distill.data.shards import (
+    CAPTION_PREFIX,
+    EMPTY_CAPTION_FILE,
+    META_FILE,
+    SAMPLE_PREFIX,
+    read_meta,
+    shard_name,
+)
 
 _MASK64 = (1 << 64) - 1
 
@@ -115,6 +122,7 @@ class LatentCache(torch.utils.data.Dataset):
         self._handles_pid = os.getpid()
         empty = load_file(str(self.folder / EMPTY_CAPTION_FILE))
         self._empty = {k[len(CAPTION_PREFIX) :]: v for k, v in empty.items()}
+        self._sample_fields = list(meta.get("sample_fields", []))
 
     def __len__(self) -> int:
         return self.meta["count"]
@@ -164,7 +172,8 @@ class LatentCache(torch.utils.data.Dataset):
             latent_mean=torch.stack([item["latent_mean"] for item in items]),
             latent_std=torch.stack([item["latent_std"] for item in items]),
             conditioning={
-                name: torch.stack([item[name] for item in items]) for name in self._empty
+                name: torch.stack([item[name] for item in items])
+                for name in [*self._empty, *self._sample_fields]
             },
         )
 
@@ -189,6 +198,8 @@ class LatentCache(torch.utils.data.Dataset):
         }
         for name in self._empty:
             item[name] = handle.get_slice(f"{CAPTION_PREFIX}{name}")[slot].clone()
+        for name in self._sample_fields:
+            item[name] = handle.get_slice(f"{SAMPLE_PREFIX}{name}")[row].clone()
         return item
 
     def _handle(self, shard: int) -> Any:

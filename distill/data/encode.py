@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from distill.data.metadata import as_text
-from distill.data.preprocess import PreprocessSpec, preprocess_image
-from distill.data.shards import CAPTION_PREFIX, SKIP_REASONS
+from distill.data.preprocess import PreprocessSpec, crop_box, preprocess_image
+from distill.data.shards import CAPTION_PREFIX, SAMPLE_PREFIX, SKIP_REASONS
 
 
 def decode_image(value: object) -> Image.Image:
@@ -59,17 +59,32 @@ def flip_variants(random_flip: bool) -> tuple[bool, ...]:
     return (False, True) if random_flip else (False,)
 
 
-def image_variants(image: Image.Image, spec: PreprocessSpec, source_index: int) -> torch.Tensor:
-    """(V, 3, R, R) pixels in [-1, 1]: the image, then its mirror image when `spec.random_flip`.
+def crop_generator(spec: PreprocessSpec, source_index: int) -> torch.Generator | None:
+    """A random crop is seeded by the row index: reproducible, and the same for both flips."""
+    return None if spec.center_crop else torch.Generator().manual_seed(source_index)
 
-    A random crop is seeded by the row index, so it is reproducible and both variants show the same
-    square (the flipped variant is that square mirrored).
-    """
-    variants = []
-    for flip in flip_variants(spec.random_flip):
-        generator = None if spec.center_crop else torch.Generator().manual_seed(source_index)
-        variants.append(preprocess_image(image, spec, flip=flip, generator=generator))
+
+def image_variants(image: Image.Image, spec: PreprocessSpec, source_index: int) -> torch.Tensor:
+    """(V, 3, R, R) pixels in [-1, 1]: the image, then its mirror image when `spec.random_flip`
+    (the same square, mirrored)."""
+    variants = [
+        preprocess_image(image, spec, flip=flip, generator=crop_generator(spec, source_index))
+        for flip in flip_variants(spec.random_flip)
+    ]
     return torch.stack(variants)
+
+
+def crop_geometry(
+    image: Image.Image, spec: PreprocessSpec, source_index: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((original height, width), (crop top, left) in resized pixels): SDXL's size ids."""
+    width, height = image.size
+    side = min(width, height)
+    top, left = crop_box(
+        height, width, side, center=spec.center_crop, generator=crop_generator(spec, source_index)
+    )
+    scale = spec.resolution / side
+    return (height, width), (round(top * scale), round(left * scale))
 
 
 @torch.no_grad()
@@ -93,6 +108,8 @@ class PreparedRow:
     caption: str | None
     problem: str | None = None  # a SKIP_REASONS entry
     error: str = ""  # what the image decoder said, for the first warnings
+    original_size: tuple[int, int] = (0, 0)  # (height, width) before preprocessing
+    crop_top_left: tuple[int, int] = (0, 0)  # where the square crop sat, in resized pixels
 
 
 def prepare_row(source_index: int, row: dict[str, Any], spec: PreprocessSpec) -> PreparedRow:
@@ -101,12 +118,14 @@ def prepare_row(source_index: int, row: dict[str, Any], spec: PreprocessSpec) ->
     if problem is not None:
         return PreparedRow(source_index, None, None, problem)
     try:
-        pixels = image_variants(decode_image(row.get("image")), spec, source_index)
+        image = decode_image(row.get("image"))
+        pixels = image_variants(image, spec, source_index)
+        original_size, crop_top_left = crop_geometry(image, spec, source_index)
     # PIL signals a bad file with OSError, SyntaxError, ValueError, struct.error or
     # DecompressionBombError depending on the format: any of them means "skip this row".
     except Exception as error:
         return PreparedRow(source_index, None, None, "unreadable_image", repr(error))
-    return PreparedRow(source_index, pixels, caption)
+    return PreparedRow(source_index, pixels, caption, None, "", original_size, crop_top_left)
 
 
 class PreparedRows(torch.utils.data.Dataset):
@@ -139,18 +158,28 @@ class ShardBuffer:
     source_indices: list[int] = field(default_factory=list)
     text_slots: list[int] = field(default_factory=list)
     captions: dict[str, int] = field(default_factory=dict)  # caption -> slot, in first-seen order
+    sample_fields: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> (…)
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
 
     def __len__(self) -> int:
         return len(self.source_indices)
 
-    def add(self, rows: list[PreparedRow], means: torch.Tensor, logvars: torch.Tensor) -> None:
-        """Usable rows with their encoded posteriors (B, V, C, h, w), in row order."""
+    def add(
+        self,
+        rows: list[PreparedRow],
+        means: torch.Tensor,
+        logvars: torch.Tensor,
+        sample_fields: list[dict[str, torch.Tensor]],
+    ) -> None:
+        """Usable rows with their encoded posteriors (B, V, C, h, w) and per-image fields (the
+        conditioning's, e.g. SDXL's size ids), in row order."""
         self.means.append(means)
         self.logvars.append(logvars)
-        for row in rows:
+        for row, fields in zip(rows, sample_fields, strict=True):
             self.source_indices.append(row.source_index)
             self.text_slots.append(self.captions.setdefault(row.caption, len(self.captions)))
+            for name, value in fields.items():
+                self.sample_fields.setdefault(name, []).append(value)
 
     def tensors(self, caption_fields: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
         """The shard's tensors; `caption_fields` holds one row per caption, in slot order.
@@ -165,4 +194,5 @@ class ShardBuffer:
             "text_slot": torch.tensor(self.text_slots, dtype=torch.int32),
             "source_index": torch.tensor(self.source_indices, dtype=torch.int64),
         }
-        return tensors | {f"{CAPTION_PREFIX}{k}": v for k, v in caption_fields.items()}
+        samples = {f"{SAMPLE_PREFIX}{k}": torch.stack(v) for k, v in self.sample_fields.items()}
+        return tensors | samples | {f"{CAPTION_PREFIX}{k}": v for k, v in caption_fields.items()}

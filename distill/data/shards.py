@@ -17,6 +17,7 @@ unique captions in the shard, L tokens):
     latent_logvar      (N, V, C, h, w)  its log-variance (std = exp(logvar / 2), as diffusers)
     text_slot          (N,)  int32      row of the caption fields holding the sample's caption
     caption.<field>    (K, L) int32     token ids (and masks) of each unique caption
+    sample.<field>     (N, ...)         per-image conditioning, e.g. SDXL's size ids (N, 6)
     source_index       (N,)  int64      row of the source dataset
 The log-variance keeps small spreads exact in 16 bits, where a 16-bit std would be subnormal.
 """
@@ -39,6 +40,7 @@ META_FILE = "meta.json"
 EMPTY_CAPTION_FILE = "empty_caption.safetensors"
 SHARD_GLOB = "shard-*.safetensors"
 CAPTION_PREFIX = "caption."
+SAMPLE_PREFIX = "sample."
 SKIP_REASONS = ("unreadable_row", "unreadable_image", "missing_caption", "empty_caption")
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 

@@ -3,7 +3,8 @@
 One entry point, `load_image_text_dataset`, turns a source string into rows of `image` (PIL) and
 `text` (str):
 
-    "fashion-mnist"                 the offline world (Debian's Fashion-MNIST, class captions)
+    "fashion-mnist"                 a registered source (core.plugins): the offline world's
+                                    Fashion-MNIST with class captions
     path/to/shard-{00000..00099}.tar  webdataset shards (LAION via img2dataset), glob or braces
     path/to/saved                   a folder written by `Dataset.save_to_disk`
     path/to/images                  an imagefolder with metadata.jsonl / metadata.csv captions
@@ -22,10 +23,9 @@ from pathlib import Path
 
 import datasets
 
+from core import plugins
+from core.errors import UserInputError
 from distill.data.metadata import SIGNATURE_COLUMN, caption_folder_dataset, metadata_files
-from distill.errors import UserInputError
-
-FASHION_MNIST = "fashion-mnist"
 
 # Webdataset shards name their fields by file extension: `0001.jpg` + `0001.txt` is one sample.
 # These stand in for the default column names when the dataset has no `image` / `text` column.
@@ -118,11 +118,10 @@ def _load_raw(
     cache_dir: str | Path | None,
 ) -> datasets.Dataset | datasets.IterableDataset:
     cache_dir = str(cache_dir) if cache_dir is not None else None
-    if source == FASHION_MNIST:
-        from distill.offline.fashion_mnist import load_fashion_mnist  # numpy/IDX parsing on demand
-
-        # Truncating first skips PNG-encoding the 60k images we would throw away.
-        return load_fashion_mnist(split=split, max_samples=max_samples)
+    registered = plugins.load(plugins.SOURCES, source)  # a named source, e.g. "fashion-mnist"
+    if registered is not None:
+        # Truncating first skips decoding the rows we would throw away.
+        return registered(split=split, max_samples=max_samples)
     if is_webdataset_source(source):
         return _load_webdataset(source, split=split, cache_dir=cache_dir)
     path = Path(source).expanduser()

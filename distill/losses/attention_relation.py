@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from distill.losses.base import (
     Config,
     FeatureLoss,

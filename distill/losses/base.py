@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from distill.errors import UserInputError
-from students import block_pairs
+from core.errors import UserInputError
+from students import PAIR_PRESETS, block_pairs
 
 LayerPair = tuple[str, str]  # (student module path, teacher module path)
 Config = Mapping[str, Any]  # a UNet2DConditionModel config
@@ -57,8 +57,9 @@ class LossOptions(BaseModel):
 
 
 class FeatureLossOptions(LossOptions):
-    # (student module path, teacher module path); None: the loss's default pairs for the models.
-    layer_pairs: list[LayerPair] | None = None
+    # (student module path, teacher module path) pairs, or a preset's name (students.PAIR_PRESETS:
+    # stage_outputs, self_attention, koala); None: the loss's default pairs for the models.
+    layer_pairs: list[LayerPair] | Literal["stage_outputs", "self_attention", "koala"] | None = None
 
 
 class Loss(nn.Module):
@@ -114,8 +115,15 @@ class FeatureLoss(Loss):
 
     @classmethod
     def fill_defaults(cls, kwargs: dict[str, Any], student: Config, teacher: Config) -> dict:
-        if kwargs.get("layer_pairs") is None:
+        pairs = kwargs.get("layer_pairs")
+        if pairs is None:
             kwargs["layer_pairs"] = cls.default_pairs(student, teacher)
+        elif isinstance(pairs, str):
+            kwargs["layer_pairs"] = PAIR_PRESETS[pairs](student, teacher)
+            if not kwargs["layer_pairs"]:
+                raise UserInputError(
+                    f"layer_pairs: preset {pairs!r} finds no layers in these UNets"
+                )
         return kwargs
 
     @classmethod

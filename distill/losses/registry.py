@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, create_model
 from torch import Tensor
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from distill.losses.attention_relation import AttentionRelationLoss
 from distill.losses.base import Loss, LossOptions
 from distill.losses.feature_kd import FeatureKDLoss

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from distill.losses.base import Loss, StepOutputs
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.conditioning import TextConditioning
 from distill.data import PreprocessSpec, build_latent_cache, load_image_text_dataset
 from distill.data.build import ProcessLayout
 from distill.teacher import load_pipeline_components
@@ -67,7 +66,7 @@ def test_a_two_process_build_longer_than_the_process_group_timeout_finishes_the_
     single = build_latent_cache(
         load_image_text_dataset("fashion-mnist", max_samples=64),
         vae=components.vae,
-        conditioning=TextConditioning(components.tokenizer),
+        conditioning=components.conditioning(encoders=False),
         preprocess=PreprocessSpec(32, random_flip=True),
         cache_root=tmp_path / "one",
         batch_size=8,

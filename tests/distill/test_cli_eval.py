@@ -57,13 +57,13 @@ def _tiny_pipeline_folder(folder: Path) -> Path:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from distill.offline.tiny_models import (
+    from offline.tiny_models import (
         sampling_scheduler,
         tiny_text_encoder,
         tiny_unet,
         tiny_vae,
     )
-    from distill.offline.tokenizer import build_clip_tokenizer
+    from offline.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(0)
     pipeline = StableDiffusionPipeline(

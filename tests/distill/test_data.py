@@ -23,7 +23,9 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from distill.conditioning import TextConditioning
+from core.errors import UserInputError
+from core.families import TextConditioning
+from core.identity import stable_hash
 from distill.data import (
     LatentCache,
     PreprocessSpec,
@@ -35,13 +37,11 @@ from distill.data import (
     streaming_fingerprint,
 )
 from distill.data.build import CacheWaitTimeout, ProcessLayout, cache_key_inputs
-from distill.data.fingerprint import stable_hash
 from distill.data.preprocess import crop_box
 from distill.data.shards import META_FILE, SHARD_GLOB
 from distill.data.sources import expand_braces
-from distill.errors import UserInputError
-from distill.offline.fashion_mnist import FASHION_MNIST_DIR
-from distill.offline.tokenizer import build_clip_tokenizer
+from offline.fashion_mnist import FASHION_MNIST_DIR
+from offline.tokenizer import build_clip_tokenizer
 
 RESOLUTION = 16  # the (8, 16) VAE downsamples once: 4×8×8 latents, like the offline world
 SPEC = PreprocessSpec(RESOLUTION, center_crop=True, random_flip=True)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.fingerprints import pipeline_fingerprint
 from distill.cli import main
-from distill.fingerprints import pipeline_fingerprint
 from distill.recipe import validate_recipe
 from distill.trainer import DistillationTrainer
 from testkit.tiny_world import make_tiny_pipeline, tiny_recipe
@@ -91,7 +91,8 @@ def _metrics(folder: Path, fingerprint: str | None) -> Path:
     if fingerprint is not None:
         row["fingerprint"] = fingerprint
     path = folder / "metrics.json"
-    path.write_text(json.dumps({"settings": {"prompts": "fashion"}, "rows": [row]}))
+    table = "| model | FID ↓ |\n|---|---|\n| student | 12.5 |"
+    path.write_text(json.dumps({"settings": {"prompts": "fashion"}, "rows": [row], "table": table}))
     return path
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from distill.losses import (
     LOSSES,
     AttentionRelationLoss,

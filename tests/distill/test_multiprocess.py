@@ -142,7 +142,7 @@ def test_deepspeed_is_refused_in_one_line(tmp_path: Path, monkeypatch) -> None:
     from accelerate.utils import DistributedType
 
     import distill.stage
-    from distill.errors import UserInputError
+    from core.errors import UserInputError
     from distill.recipe import TrainingSpec
 
     launched = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.errors import UserInputError
 from distill.cli import main
-from distill.errors import UserInputError
 from distill.preflight import check_recipe_losses
 from distill.recipe import apply_override, load_recipe, resolve_paths, validate_recipe
 

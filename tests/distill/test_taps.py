@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from distill.losses import SimilarityMatchingLoss
 from distill.taps import FeatureTaps, resolve_module, unwrap_model
 from testkit.records import features

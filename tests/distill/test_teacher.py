@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from distill.teacher import FrozenTeacher, check_compatible
 from students import build_student
 from testkit.unets import make_tiny_teacher

@@ -2,7 +2,7 @@
 Fashion-MNIST classifier.
 
 Everything is built in-process (no hub) from the offline world's components
-(`distill.offline.tiny_models`): (32, 64) UNets at 32 px, the real CLIP BPE tokenizer derived
+(`offline.tiny_models`): (32, 64) UNets at 32 px, the real CLIP BPE tokenizer derived
 offline, random weights from fixed seeds. The classifier is really trained, on the first 10,000
 training images for one epoch (about 9 s; 80.7% test accuracy, 87.7% with all 60,000). The
 cache (tokenizer files, converted FID Inception, reference statistics, the classifier) lives in
@@ -22,10 +22,10 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from distill.offline.tiny_models import sampling_scheduler, tiny_text_encoder, tiny_unet, tiny_vae
-from distill.offline.tokenizer import build_clip_tokenizer
 from eval.clip_score import ClipBackend, transformers_backend
 from eval.fashion_classifier import ClassifierSettings, FashionClassifier, load_fashion_classifier
+from offline.tiny_models import sampling_scheduler, tiny_text_encoder, tiny_unet, tiny_vae
+from offline.tokenizer import build_clip_tokenizer
 
 TINY_SIZE = 32  # pixels; latents 8x8 with the 4x VAE below
 JUDGE_SETTINGS = ClassifierSettings(max_train_samples=10_000)  # ~9 s instead of ~40 s

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from eval.clip_score import clip_score, open_clip_backend
 
 PROMPTS = ["a photo of a cat", "a photo of a Dress", "a red Bag on a table"]

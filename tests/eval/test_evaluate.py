@@ -18,14 +18,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from distill.errors import UserInputError
-from distill.fingerprints import pipeline_fingerprint
-from distill.offline.fashion_mnist import fashion_prompts, load_fashion_mnist_arrays
+from core.errors import UserInputError
+from core.fingerprints import pipeline_fingerprint
 from eval.evaluate import evaluate
 from eval.fashion_classifier import classifier_input
 from eval.image_io import open_rgb, to_uint8_tensor
 from eval.protocols import BK_SDM_COCO30K, get_protocol
 from eval.report import metrics_fingerprints
+from offline.fashion_mnist import fashion_prompts, load_fashion_mnist_arrays
 
 PROMPTS = ["a photo of a Dress", "a photo of a Bag", "a photo of a Coat", "a photo of a Sneaker"]
 QUICK = {

@@ -15,7 +15,7 @@ import torch
 import torch_fidelity
 from PIL import Image
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from eval.fid import FIDStatistics, compute_fid, reference_statistics
 from eval.image_io import uint8_batches
 from eval.inception import (

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from eval.generate import MANIFEST, delete_generated_images, generate_images, image_path
 
 PROMPTS = ["a photo of a Dress", "a photo of a Bag", "a photo of a Coat", "a photo of a Sneaker"]

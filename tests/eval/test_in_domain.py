@@ -15,14 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.offline.fashion_mnist import (
-    CAPTION_TEMPLATES,
-    FASHION_CLASSES,
-    caption_for,
-    fashion_prompts,
-    load_fashion_mnist_arrays,
-)
-from distill.offline.teacher import fashion_pixels
 from eval.fashion_classifier import classifier_input, load_fashion_classifier
 from eval.in_domain import (
     class_accuracy,
@@ -31,6 +23,14 @@ from eval.in_domain import (
     prompt_classes,
 )
 from eval.results import MetricUnavailable
+from offline.fashion_mnist import (
+    CAPTION_TEMPLATES,
+    FASHION_CLASSES,
+    caption_for,
+    fashion_prompts,
+    load_fashion_mnist_arrays,
+)
+from offline.teacher import fashion_pixels
 
 TEST_IMAGES = 400  # real test images scored as "generated" ones
 # The stated bar for the test-session classifier (10,000 training images, one epoch): it measured

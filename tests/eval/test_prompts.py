@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from distill.errors import UserInputError
-from distill.offline.fashion_mnist import FASHION_CLASSES
+from core.errors import UserInputError
 from eval.prompts import COCO_CAPTIONS_ENV, coco_captions, load_prompts
+from offline.fashion_mnist import FASHION_CLASSES
 
 
 def test_prompt_file_skips_blank_lines_and_repeats_to_the_requested_count(tmp_path: Path) -> None:

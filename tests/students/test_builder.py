@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from students import build_student, builtin_teachers, count_params, forward_gflops
-from students.teachers import builtin_config, load_teacher_unet
+from core.families import builtin_config, builtin_names, resolve
+from students import build_student, count_params, forward_gflops
 from testkit.unets import make_tiny_teacher
 
 SD_V1_4_PARAMS = {
@@ -20,7 +20,7 @@ SD_V1_4_PARAMS = {
 
 @pytest.mark.parametrize("variant", ["base", "small", "tiny"])
 def test_sd_v1_4_student_has_the_published_param_count(variant: str) -> None:
-    teacher, _ = load_teacher_unet("sd-v1-4")
+    teacher = resolve("sd-v1-4").meta_unet()
     student, report = build_student(teacher, variant)
     assert count_params(teacher) == SD_V1_4_PARAMS["teacher"]
     assert count_params(student) == SD_V1_4_PARAMS[variant]
@@ -29,7 +29,7 @@ def test_sd_v1_4_student_has_the_published_param_count(variant: str) -> None:
 
 
 def test_sd_v1_4_forward_gflops_match_the_flop_counter_figures() -> None:
-    teacher, _ = load_teacher_unet("sd-v1-4")
+    teacher = resolve("sd-v1-4").meta_unet()
     student, _ = build_student(teacher, "base")
     assert forward_gflops(teacher) == pytest.approx(803.3, abs=0.05)
     assert forward_gflops(student) == pytest.approx(523.0, abs=0.05)
@@ -40,7 +40,7 @@ def test_sd_v1_4_forward_gflops_match_the_flop_counter_figures() -> None:
 def test_every_builtin_teacher_and_variant_builds_with_consistent_shapes(
     name: str, variant: str
 ) -> None:
-    teacher, _ = load_teacher_unet(name)
+    teacher = resolve(name).meta_unet()
     student, report = build_student(teacher, variant)
     teacher_shapes = {k: v.shape for k, v in teacher.state_dict().items()}
     student_state = student.state_dict()
@@ -56,15 +56,15 @@ def test_every_builtin_teacher_and_variant_builds_with_consistent_shapes(
 
 
 def test_builtin_teacher_list_names_the_four_configs() -> None:
-    assert builtin_teachers() == ["sd-v1-4", "sd-v1-5", "sd-v2-1-base", "sdxl-base"]
+    assert builtin_names() == ["sd-v1-4", "sd-v1-5", "sd-v2-1-base", "sdxl-base"]
 
 
 def test_sd_v2_and_sdxl_keep_their_per_block_attention_settings() -> None:
-    sd2, _ = load_teacher_unet("sd-v2-1-base")
+    sd2 = resolve("sd-v2-1-base").meta_unet()
     sd2_student, _ = build_student(sd2, "tiny")
     assert list(sd2_student.config.attention_head_dim) == [5, 10, 20]
     assert sd2_student.config.use_linear_projection is True
-    sdxl, _ = load_teacher_unet("sdxl-base")
+    sdxl = resolve("sdxl-base").meta_unet()
     sdxl_student, _ = build_student(sdxl, "base")
     assert list(sdxl_student.config.transformer_layers_per_block) == [1, 2, 10]
     assert sdxl_student.config.addition_embed_type == "text_time"
@@ -74,7 +74,7 @@ def test_sd_v2_and_sdxl_keep_their_per_block_attention_settings() -> None:
 def test_sdxl_tiny_reports_tensors_whose_teacher_source_has_another_width() -> None:
     # Dropping SDXL's deepest stage (1280 wide) feeds the new first up block 640 channels instead of
     # 1280, so its first resnet cannot be copied: it must be reported fresh, never partly copied.
-    teacher, _ = load_teacher_unet("sdxl-base")
+    teacher = resolve("sdxl-base").meta_unet()
     _, report = build_student(teacher, "tiny")
     assert "up_blocks.0.resnets.0.conv1.weight" in report.fresh
     assert "shape" in report.fresh["up_blocks.0.resnets.0.conv1.weight"]
@@ -203,7 +203,7 @@ def test_saved_student_reloads_with_plain_diffusers(
 
 
 def test_base_variant_of_a_one_layer_teacher_is_refused() -> None:
-    from distill.errors import UserInputError
+    from core.errors import UserInputError
 
     with pytest.raises(UserInputError, match="layers_per_block=1"):
         build_student(make_tiny_teacher(layers_per_block=1), "base")

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-from distill.offline.tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
-from distill.offline.tokenizer import build_clip_tokenizer
+from offline.tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
+from offline.tokenizer import build_clip_tokenizer
 
 
 def make_tiny_pipeline(folder: Path, seed: int, text_encoder_seed: int = 0) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from distill.offline.tiny_models import sd_v1_4_toy_config
+from offline.tiny_models import sd_v1_4_toy_config
 
 # SD v1.x's layout in miniature: cross-attention in every stage but the deepest, two layers per
 # block, so the student builder's pruning applies exactly as it does to SD v1.4.
@@ -29,6 +29,6 @@ def make_tiny_teacher(seed: int = 0, **overrides) -> UNet2DConditionModel:
 
 
 def make_tiny_sd_v1_4(seed: int = 0) -> UNet2DConditionModel:
-    """SD v1.4's UNet config at toy widths (`distill.offline.tiny_models`), seeded."""
+    """SD v1.4's UNet config at toy widths (`offline.tiny_models`), seeded."""
     torch.manual_seed(seed)
     return UNet2DConditionModel.from_config(sd_v1_4_toy_config())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 HUB_DATASET = "zalando-datasets/fashion_mnist"

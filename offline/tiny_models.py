@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from distill.offline.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE
+from offline.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE
 
 LATENT_CHANNELS = 4
 
@@ -43,7 +43,7 @@ SD_V1_4_TOY_WIDTHS = {
 
 
 def sd_v1_4_toy_config() -> dict:
-    from students.teachers import builtin_config
+    from core.families import builtin_config
 
     return {**builtin_config("sd-v1-4"), **SD_V1_4_TOY_WIDTHS}
 

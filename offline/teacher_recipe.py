@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, validate_call
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
 from distill.recipe import apply_override, validation_error
 
 
@@ -48,7 +48,7 @@ def run_teacher_recipe(
     path: Path, overrides: list[str], *, overwrite: bool = False, progress: bool = True
 ) -> int:
     """Train the teachers, or reuse them when a finished run of the same recipe is there."""
-    from distill.offline.teacher import train_fashion_teachers
+    from offline.teacher import train_fashion_teachers
 
     recipe = load_teacher_recipe(path, overrides)
     out = Path(recipe.output_dir)

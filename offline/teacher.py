@@ -28,23 +28,23 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
-from distill.conditioning import encode_captions
-from distill.errors import UserInputError
-from distill.offline.fashion_mnist import (
+from core.errors import UserInputError
+from core.families import encode_captions
+from offline.fashion_mnist import (
     CAPTION_TEMPLATES,
     FASHION_CLASSES,
     caption_for,
     load_fashion_mnist_arrays,
 )
-from distill.offline.sample_grid import sample_class_grid
-from distill.offline.tiny_models import (
+from offline.sample_grid import sample_class_grid
+from offline.tiny_models import (
     sampling_scheduler,
     tiny_text_encoder,
     tiny_unet,
     tiny_vae,
     training_noise_scheduler,
 )
-from distill.offline.tokenizer import build_clip_tokenizer
+from offline.tokenizer import build_clip_tokenizer
 
 IMAGE_SIZE = 32  # Fashion-MNIST's 28 px, resized to a multiple of the VAE's factor 4
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from distill.offline.fashion_mnist import FASHION_CLASSES, caption_for
+from offline.fashion_mnist import FASHION_CLASSES, caption_for
 
 
 def class_prompts() -> list[str]:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from distill.errors import UserInputError
-from distill.paths import default_cache_root
+from core.errors import UserInputError
+from core.paths import default_cache_root
 
 FINGERPRINTED_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 INDEX_FILE = "fingerprints.json"
@@ -116,3 +116,18 @@ def _write_index(path: Path, index: dict[str, Any]) -> None:
         os.replace(temporary, path)
     except OSError:
         pass  # the index only saves time; a read-only cache folder costs a rehash next time
+
+
+def metrics_fingerprints(metrics: dict[str, Any]) -> dict[str, str]:
+    """Row name -> fingerprint of the pipeline whose metrics that row holds, read from a loaded
+    metrics.json: {"teacher": ..., "student": ...}. Rows without one (published reference rows,
+    files written before fingerprints existed) are absent, so a caller comparing
+    `metrics_fingerprints(data).get("student")` with the fingerprint of the weights it holds gets
+    None, never a false match. The student row's fidelity FID also depends on the teacher's
+    weights, recorded under "teacher"."""
+    fingerprints = {}
+    for row in metrics.get("rows", []):
+        fingerprint = row.get("fingerprint") if isinstance(row, dict) else None
+        if isinstance(fingerprint, str) and fingerprint:
+            fingerprints[row["name"]] = fingerprint
+    return fingerprints

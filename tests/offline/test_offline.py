@@ -11,17 +11,17 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from distill.errors import UserInputError
-from distill.offline import fashion_mnist
-from distill.offline.fashion_mnist import (
+from core.errors import UserInputError
+from offline import fashion_mnist
+from offline.fashion_mnist import (
     FASHION_CLASSES,
     class_phrase,
     fashion_prompts,
     load_fashion_mnist,
     read_idx,
 )
-from distill.offline.teacher import caption_table, min_snr_weights, train_fashion_teachers
-from distill.offline.tokenizer import build_clip_tokenizer
+from offline.teacher import caption_table, min_snr_weights, train_fashion_teachers
+from offline.tokenizer import build_clip_tokenizer
 
 
 @pytest.fixture

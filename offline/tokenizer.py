@@ -16,12 +16,12 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from distill.errors import UserInputError
+from core.errors import UserInputError
+from core.paths import default_cache_root
 
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
@@ -29,11 +29,6 @@ NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48,894: every token that is neither a b
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MODEL_MAX_LENGTH = 77  # CLIP's context length, what SD v1 pipelines pad prompts to
-
-
-def default_cache_dir() -> Path:
-    """`$SD_DISTILL_CACHE`, else `~/.cache/sd-distill`."""
-    return Path(os.environ.get("SD_DISTILL_CACHE", Path.home() / ".cache" / "sd-distill"))
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -106,7 +101,7 @@ def build_clip_tokenizer(cache_dir: str | None = None) -> CLIPTokenizer:
     `cache_dir` defaults to `$SD_DISTILL_CACHE` or `~/.cache/sd-distill`; the files live in its
     `clip-tokenizer/` subfolder.
     """
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_root()
     vocab_path, merges_path = write_vocab_files(folder / "clip-tokenizer")
     # transformers 5.23: `CLIPTokenizer(vocab_file=..., merges_file=...)` is accepted but ignored
     # (an empty 3-token vocab results); the first two positional parameters are `vocab, merges`.

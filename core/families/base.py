@@ -1,0 +1,106 @@
+"""What differs between Stable Diffusion families, behind one interface.
+
+A family owns: which pipeline class a teacher is (and how to load it and put another UNet in it),
+how prompts become the UNet's conditioning (`Conditioning`: token fields for the latent cache,
+the frozen text encoders in the training step), and what one UNet forward needs as inputs. The
+cache, the step, the trainer, validation, evaluation and export carry the conditioning as a dict
+and call `unet(x, t, **conditioning)`, so adding a family is one module here.
+
+Families: `sd` (SD 1.x and 2.x, `StableDiffusionPipeline`; 2.x's v-prediction is its scheduler's
+`prediction_type`, which the task target follows) and `sdxl` (`StableDiffusionXLPipeline`: two
+text encoders, a pooled text embedding, size and crop ids).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from torch import Tensor
+
+from core.errors import UserInputError
+
+TEXT_SEQUENCE_LENGTH = 77  # CLIP's context length, the encoder_hidden_states length in SD
+
+
+class Conditioning(ABC):
+    """Prompts to UNet inputs, split at the cache: `caption_fields` (token ids, stored once per
+    caption) and `sample_fields` (per image, e.g. SDXL's size ids) are what the cache keeps;
+    `encode` runs the frozen text encoders on a batch of them in the step."""
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What decides the cached fields (part of the cache key): the tokenizers."""
+
+    @abstractmethod
+    def caption_fields(self, captions: list[str]) -> dict[str, Tensor]:
+        """captions → named (K, L) int32 tensors, on CPU."""
+
+    def sample_fields(
+        self, original_size: tuple[int, int], crop_top_left: tuple[int, int], size: int
+    ) -> dict[str, Tensor]:
+        """Per-image fields from the preprocessing (none for SD 1.x/2.x)."""
+        return {}
+
+    @abstractmethod
+    def encode(self, fields: Mapping[str, Tensor]) -> dict[str, Any]:
+        """A batch of fields → the UNet's keyword inputs (no grad, on the encoders' device)."""
+
+
+class ModelFamily(ABC):
+    name: ClassVar[str]
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    pipeline_kwargs: ClassVar[dict[str, Any]] = {}  # extra from_pretrained / init arguments
+
+    @abstractmethod
+    def handles(self, pipeline_class: str | None, unet_config: Mapping[str, Any]) -> bool:
+        """Whether a teacher with this pipeline class name (None: a bare UNet) is this family."""
+
+    @abstractmethod
+    def conditioning(self, pipeline: DiffusionPipeline, *, encoders: bool) -> Conditioning:
+        """The pipeline's conditioning; `encoders=False` (the cache) needs only tokenizers."""
+
+    def load_pipeline(self, location: str, dtype: torch.dtype | None = None) -> DiffusionPipeline:
+        """The pipeline at a local folder or hub id, safetensors only; bad input is one line."""
+        try:
+            return self.pipeline_class.from_pretrained(
+                location, dtype=dtype, use_safetensors=True, **self.pipeline_kwargs
+            )
+        except (OSError, ValueError) as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserInputError(
+                f"cannot load a {self.pipeline_class.__name__} from {location!r}: {first_line}"
+            ) from None
+
+    def with_unet(
+        self, pipeline: DiffusionPipeline, unet: UNet2DConditionModel
+    ) -> DiffusionPipeline:
+        """The same pipeline around another UNet (the student): the other components are shared,
+        not copied."""
+        components = {**pipeline.components, "unet": unet}
+        return self.pipeline_class(**components, **self.pipeline_kwargs)
+
+    def probe_inputs(
+        self,
+        config: Mapping[str, Any],
+        *,
+        batch_size: int = 1,
+        sample_size: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> dict[str, Any]:
+        """Keyword inputs of the right shapes for one forward of a UNet with this config (random
+        values; on "meta", shapes only): for FLOP counts, latency and the loss preflight."""
+        size = sample_size or config["sample_size"]
+        size = size if isinstance(size, int) else size[0]
+        width = config["cross_attention_dim"]
+        width = width if isinstance(width, int) else width[0]
+        place = {"device": device, "dtype": dtype}
+        return {
+            "sample": torch.randn(batch_size, config["in_channels"], size, size, **place),
+            "timestep": torch.full((batch_size,), 500, device=device, dtype=torch.long),
+            "encoder_hidden_states": torch.randn(batch_size, TEXT_SEQUENCE_LENGTH, width, **place),
+        }

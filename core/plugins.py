@@ -1,0 +1,28 @@
+"""Registered parts found through package entry points, so a user of the engine (the offline
+world, or a user's own package) adds a data source or a recipe kind without the engine importing
+it. Declared in a pyproject.toml:
+
+    [project.entry-points."sd_distill.sources"]
+    fashion-mnist = "offline.fashion_mnist:load_fashion_mnist"   # (split=, max_samples=) -> Dataset
+
+    [project.entry-points."sd_distill.recipe_kinds"]
+    teacher = "offline.teacher_recipe:run_teacher_recipe"      # (path, overrides, ...) -> exit
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+SOURCES = "sd_distill.sources"
+RECIPE_KINDS = "sd_distill.recipe_kinds"
+
+
+def registered(group: str) -> dict[str, Any]:
+    """name -> entry point (loaded on `.load()`) of every part registered in `group`."""
+    return {point.name: point for point in entry_points(group=group)}
+
+
+def load(group: str, name: str) -> Any | None:
+    point = registered(group).get(name)
+    return point.load() if point is not None else None
