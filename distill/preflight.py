@@ -34,7 +34,7 @@ def check_recipe_losses(recipe: Recipe) -> None:
         return sources[key]
 
     init = source_of(recipe.student.init_from)
-    student = student_config(init.unet_config, recipe.student.variant)
+    student = student_config(init.unet_config, recipe.student.shape())
     for index, stage in enumerate(recipe.stages):
         teacher = None
         if stage.teacher is not None:

@@ -8,6 +8,7 @@ the recipe object; the trainer reads plain values out of it (torchtune's "intrus
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,7 +26,7 @@ from pydantic import (
 from core.errors import UserInputError
 from core.paths import HUB_ID
 from distill.losses import LossOptions, reads_teacher, validate_loss_blocks
-from students import VARIANTS
+from students import VARIANTS, StudentVariant
 
 
 class _Strict(BaseModel):
@@ -38,12 +39,23 @@ class StudentSpec(_Strict):
     # scheduler are the student pipeline's components.
     init_from: str
 
+    # Transformer layers kept per down block (index 0 = highest resolution), the teacher's first
+    # ones; overrides the variant's (KOALA's knob). None: the variant's, else the teacher's.
+    transformer_depth: list[Annotated[int, Field(ge=1)]] | None = None
+
     @field_validator("variant")
     @classmethod
     def _known_variant(cls, name: str) -> str:
         if name not in VARIANTS:
             raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
         return name
+
+    def shape(self) -> StudentVariant:
+        """The variant with this recipe's transformer depth, if it sets one."""
+        variant = VARIANTS[self.variant]
+        if self.transformer_depth is None:
+            return variant
+        return replace(variant, transformer_depth=tuple(self.transformer_depth))
 
 
 class DataSpec(_Strict):

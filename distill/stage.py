@@ -222,7 +222,7 @@ class StageBuilder:
                 raise UserInputError(f"stage {index + 1} needs the previous stage's {previous}")
             return UNet2DConditionModel.from_pretrained(previous, use_safetensors=True)
         init = self.components(self.recipe.student.init_from)
-        student, report = build_student(init.unet, self.recipe.student.variant)
+        student, report = build_student(init.unet, self.recipe.student.shape())
         if self.accelerator.is_main_process:
             (self.run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=2))
         return student if student.dtype == torch.float32 else student.to(torch.float32)

@@ -3,13 +3,18 @@
 `train_fashion_teachers` mirrors how SD v1.4 and v1.5 came to be, in miniature:
 
     1. train an AutoencoderKL (f=4) on the images; measure the latent scaling factor;
-    2. cache every training image's latent distribution (mean, std) and every caption's
-       embedding from a frozen, randomly initialised CLIPTextModel (the real CLIP tokenizer);
-    3. train a UNet2DConditionModel on those latents (epsilon prediction, SD's noise schedule,
-       classifier-free dropout to the empty prompt, min-SNR-γ weighting, cosine LR decay, EMA);
-    4. export the EMA weights as StableDiffusionPipeline folders: teacher "a" halfway through
-       UNet training (the v1.4 stand-in) and teacher "b" at the end (the v1.5 stand-in), each with
-       a one-row-per-class sample grid.
+    2. cache every training image's latent distribution (mean, std); assemble the family's
+       pipeline around frozen, randomly initialised CLIP text encoders (the real CLIP tokenizer);
+    3. train a UNet2DConditionModel on those latents with the distillation engine's noising step
+       (`distill.step.noise_batch`: SD's noise schedule, ε or v target, classifier-free dropout
+       to the empty prompt) and the family's conditioning, min-SNR-γ weighting, cosine LR decay
+       and an EMA;
+    4. export the EMA weights as pipeline folders of the family: teacher "a" halfway through UNet
+       training (the v1.4 stand-in) and teacher "b" at the end (the v1.5 stand-in), each with a
+       one-row-per-class sample grid.
+
+The same function trains the SD v1 world (the demo's), SD 2.x-v's twin (`prediction_type=
+"v_prediction"`, linear projections) and SDXL's (`family="sdxl"`).
 """
 
 from __future__ import annotations
@@ -17,19 +22,23 @@ from __future__ import annotations
 import copy
 import json
 import time
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from core.errors import UserInputError
-from core.families import encode_captions
+from core.families import Conditioning, ModelFamily, family_named
+from distill.step import noise_batch
+from distill.step_randomness import sample_generator
 from offline.fashion_mnist import (
     CAPTION_TEMPLATES,
     FASHION_CLASSES,
@@ -39,6 +48,7 @@ from offline.fashion_mnist import (
 from offline.sample_grid import sample_class_grid
 from offline.tiny_models import (
     sampling_scheduler,
+    tiny_sdxl_unet,
     tiny_text_encoder,
     tiny_unet,
     tiny_vae,
@@ -46,7 +56,8 @@ from offline.tiny_models import (
 )
 from offline.tokenizer import build_clip_tokenizer
 
-IMAGE_SIZE = 32  # Fashion-MNIST's 28 px, resized to a multiple of the VAE's factor 4
+SOURCE_SIZE = 28  # Fashion-MNIST's images
+IMAGE_SIZE = 32  # ...resized to a multiple of the VAE's factor 4
 
 # ---------------------------------------------------------------------------------------------
 # Pure helpers (math and data layout)
@@ -64,14 +75,17 @@ def fashion_pixels(images: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
     return pixels.expand(-1, 3, -1, -1).contiguous()
 
 
-def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weights for epsilon prediction, min(SNR, γ) / SNR.
+def min_snr_weights(
+    snr: torch.Tensor, gamma: float, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """Per-sample loss weights, min(SNR, γ) / SNR for ε and min(SNR, γ) / (SNR + 1) for v.
 
     Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy" (eq. 9 with
-    the ε-loss's implicit SNR weight divided out): low-noise steps, which dominate the ε-loss
-    but teach little, are down-weighted; steps with SNR < γ keep weight 1.
+    the loss's implicit SNR weight divided out: SNR for ε, SNR + 1 for v): low-noise steps,
+    which dominate the loss but teach little, are down-weighted.
     """
-    return torch.clamp(snr, max=gamma) / snr
+    clamped = torch.clamp(snr, max=gamma)
+    return clamped / (snr + 1) if prediction_type == "v_prediction" else clamped / snr
 
 
 def caption_table() -> list[str]:
@@ -161,17 +175,20 @@ def latent_scaling_factor(
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 2: the UNet
+# Stage 2: the UNet, through the engine's noising step and the family's conditioning
 # ---------------------------------------------------------------------------------------------
+
+TEACHER_STREAM = 0  # the stage index of the teacher's sample stream (`sample_generator`)
 
 
 def train_unet(
     unet: UNet2DConditionModel,
+    conditioning: Conditioning,
     latent_mean: torch.Tensor,
     latent_std: torch.Tensor,
     labels: torch.Tensor,
-    prompt_embeddings: torch.Tensor,
     *,
+    scheduler: DDPMScheduler,
     scaling_factor: float,
     steps: int,
     batch_size: int,
@@ -180,7 +197,7 @@ def train_unet(
     min_snr_gamma: float | None,
     uncond_prob: float,
     ema_max_decay: float,
-    generator: torch.Generator,
+    seed: int,
     accelerator: Accelerator,
     progress: bool,
     on_checkpoint=None,
@@ -188,12 +205,13 @@ def train_unet(
 ) -> list[float]:
     """Train `unet` on cached latents; returns the (unweighted) loss per step.
 
-    latent_mean/std: (N, 4, 8, 8) unscaled posteriors; labels: (N,) class ids;
-    prompt_embeddings: (K, 77, D) from `caption_table()` (last row = empty prompt).
-    `on_checkpoint(step, ema_unet)` is called after each step in `checkpoint_steps` with a copy of
-    the UNet holding the EMA weights.
+    latent_mean/std: (N, 4, 8, 8) unscaled posteriors; labels: (N,) class ids. Each sample draws
+    its row, caption template and (for SDXL) original size from its own generator, then
+    `distill.step.noise_batch` noises it exactly as a distillation step does; `conditioning`
+    turns the batch's token ids (and size ids) into the UNet's inputs, so one loop trains every
+    family, ε or v. `on_checkpoint(step, ema_unet)` is called after each step in
+    `checkpoint_steps` with a copy of the UNet holding the EMA weights.
     """
-    noise_scheduler = training_noise_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
     # EMA warmup (decay = 1 - (1 + step)^-2/3, capped): for a short run the average must start
@@ -201,35 +219,38 @@ def train_unet(
     ema = EMAModel(unet.parameters(), decay=ema_max_decay, use_ema_warmup=True, power=2 / 3)
     unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
     unet.train()
-    device = accelerator.device
-    prompt_embeddings = prompt_embeddings.to(device)
+    table = conditioning.caption_fields(caption_table())  # each (K, L), last row = ""
+    empty = {key: ids[-1] for key, ids in table.items()}
     templates = len(CAPTION_TEMPLATES)
-    empty_prompt = len(prompt_embeddings) - 1
+    prediction_type = scheduler.config.prediction_type
     losses = []
     bar = tqdm(range(1, steps + 1), desc="unet", disable=not progress)
     for step in bar:
-        index = torch.randint(len(labels), (batch_size,), generator=generator)
-        latents = latent_mean[index] + latent_std[index] * torch.randn(
-            latent_mean[index].shape, generator=generator
+        positions = range((step - 1) * batch_size, step * batch_size)
+        generators = [sample_generator(seed, TEACHER_STREAM, p) for p in positions]
+        rows = torch.cat([torch.randint(len(labels), (1,), generator=g) for g in generators])
+        template = torch.cat([torch.randint(templates, (1,), generator=g) for g in generators])
+        prompt = labels[rows] * templates + template  # (B,) rows of the caption table
+        fields = {key: ids[prompt] for key, ids in table.items()} | _size_fields(
+            conditioning, generators
         )
-        latents = (latents * scaling_factor).to(device)  # (B, 4, 8, 8)
-        # A random template per sample and step; uncond_prob of captions become the empty prompt.
-        prompt = labels[index] * templates + torch.randint(
-            templates, (batch_size,), generator=generator
+        batch = noise_batch(
+            latent_mean[rows],
+            latent_std[rows],
+            fields,
+            empty,
+            generators,
+            scheduler=scheduler,
+            scaling_factor=scaling_factor,
+            uncond_prob=uncond_prob,
+            device=accelerator.device,
         )
-        dropped = torch.rand(batch_size, generator=generator) < uncond_prob
-        prompt = torch.where(dropped, empty_prompt, prompt)
-        context = prompt_embeddings[prompt.to(device)]  # (B, 77, D)
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(
-            noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator
-        ).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, context).sample
-        per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        inputs = conditioning.encode(batch.conditioning)
+        prediction = unet(batch.noisy, batch.timesteps, **inputs).sample
+        per_sample = (prediction - batch.target).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if min_snr_gamma is not None:
-            snr = compute_snr(noise_scheduler, timesteps)
-            loss = (per_sample * min_snr_weights(snr, min_snr_gamma)).mean()
+            snr = compute_snr(scheduler, batch.timesteps)
+            loss = (per_sample * min_snr_weights(snr, min_snr_gamma, prediction_type)).mean()
         else:
             loss = per_sample.mean()
         accelerator.backward(loss)
@@ -247,26 +268,74 @@ def train_unet(
     return losses
 
 
+def _size_fields(
+    conditioning: Conditioning, generators: list[torch.Generator]
+) -> dict[str, torch.Tensor]:
+    """The per-image fields (SDXL's size ids; none for SD), each (B, ...).
+
+    Fashion-MNIST's originals are all 28 px, so a constant original-size id would leave the
+    pipeline's default at sampling time (original = target = 32 px) an input the teacher never
+    saw; each sample shows the true 28 px or the target size, at even odds.
+    """
+    per_sample = []
+    for g in generators:
+        side = SOURCE_SIZE if torch.rand(1, generator=g).item() < 0.5 else IMAGE_SIZE
+        per_sample.append(conditioning.sample_fields((side, side), (0, 0), IMAGE_SIZE))
+    if not per_sample[0]:
+        return {}
+    return {key: torch.stack([f[key] for f in per_sample]) for key in per_sample[0]}
+
+
 # ---------------------------------------------------------------------------------------------
 # Export and the whole recipe
 # ---------------------------------------------------------------------------------------------
 
 
-def export_teacher(folder: Path, *, vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
-    """Save a StableDiffusionPipeline folder (safetensors only, no safety checker)."""
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=sampling_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+def teacher_parts(
+    family: ModelFamily,
+    *,
+    seed: int,
+    text_hidden_size: int,
+    text_layers: int,
+    text_init_factor: float,
+) -> tuple[tuple[torch.nn.Module, ...], tuple]:
+    """The frozen random text encoders and tokenizers of a family's teacher: one CLIPTextModel
+    for SD; for SDXL a second one with a projection, whose projected pooled output is the
+    UNet's `text_embeds` (both share the real CLIP tokenizer, as SDXL's two encoders share
+    CLIP's vocabulary)."""
+    tokenizer = build_clip_tokenizer()
+    encoder = partial(
+        tiny_text_encoder,
+        hidden_size=text_hidden_size,
+        num_hidden_layers=text_layers,
+        initializer_factor=text_init_factor,
     )
-    pipeline.save_pretrained(folder, safe_serialization=True)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    if family.name == "sdxl":
+        second = encoder(seed + 1, projection_dim=text_hidden_size)
+        return (encoder(seed), second), (tokenizer, tokenizer)
+    return (encoder(seed),), (tokenizer,)
+
+
+def teacher_unet(
+    family: ModelFamily,
+    *,
+    text_hidden_size: int,
+    block_out_channels: tuple[int, ...],
+    transformer_layers: tuple[int, ...],
+    use_linear_projection: bool,
+) -> UNet2DConditionModel:
+    if family.name == "sdxl":
+        return tiny_sdxl_unet(
+            cross_attention_dim=2 * text_hidden_size,
+            pooled_text_dim=text_hidden_size,
+            block_out_channels=block_out_channels,
+            transformer_layers=transformer_layers,
+        )
+    return tiny_unet(
+        cross_attention_dim=text_hidden_size,
+        block_out_channels=block_out_channels,
+        use_linear_projection=use_linear_projection,
+    )
 
 
 def train_fashion_teachers(
@@ -297,11 +366,19 @@ def train_fashion_teachers(
     progress: bool = True,
     mixed_precision: str = "no",
     vae_from: str | Path | None = None,
+    family: Literal["sd", "sdxl"] = "sd",
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
+    use_linear_projection: bool = False,
+    transformer_layers: tuple[int, ...] = (1, 1, 2),
 ) -> dict[str, Path]:
     """Train the Fashion-MNIST teachers; return {"a": folder, "b": folder} (only "b" when
     `export_halfway` is False).
 
-    Writes under `out_dir`: `teacher_a/`, `teacher_b/` (StableDiffusionPipeline folders, 32 px),
+    `family`: "sd" (StableDiffusionPipeline; with `prediction_type="v_prediction"` and
+    `use_linear_projection`, SD 2.x-v's twin) or "sdxl" (StableDiffusionXLPipeline: two text
+    encoders, pooled text and size ids, `transformer_layers` per stage, the first unused).
+
+    Writes under `out_dir`: `teacher_a/`, `teacher_b/` (pipeline folders of the family, 32 px),
     `teacher_a.png`, `teacher_b.png` (sample grids: one row per class, columns = `grid_seeds`)
     and `training.json` (settings, measured scaling factor, losses, phase times).
     `vae_from` (an AutoencoderKL folder) skips VAE training and reuses that VAE; its scaling
@@ -352,14 +429,29 @@ def train_fashion_teachers(
     latent_mean, latent_std = encode_latent_distribution(vae, images)
     scaling_factor = latent_scaling_factor(latent_mean, latent_std, generator)
     vae.register_to_config(scaling_factor=scaling_factor)
-    tokenizer = build_clip_tokenizer()
-    text_encoder = tiny_text_encoder(
-        seed,
-        hidden_size=text_hidden_size,
-        num_hidden_layers=text_layers,
-        initializer_factor=text_init_factor,
+    model_family = family_named(family)
+    text_encoders, tokenizers = teacher_parts(
+        model_family,
+        seed=seed,
+        text_hidden_size=text_hidden_size,
+        text_layers=text_layers,
+        text_init_factor=text_init_factor,
     )
-    prompt_embeddings = encode_captions(text_encoder, tokenizer, caption_table())
+    unet = teacher_unet(
+        model_family,
+        text_hidden_size=text_hidden_size,
+        block_out_channels=unet_channels,
+        transformer_layers=transformer_layers,
+        use_linear_projection=use_linear_projection,
+    )
+    pipeline = model_family.assemble(
+        vae=vae,
+        unet=unet,
+        scheduler=sampling_scheduler(prediction_type),
+        text_encoders=tuple(e.to(accelerator.device) for e in text_encoders),
+        tokenizers=tokenizers,
+    )
+    conditioning = model_family.conditioning(pipeline, encoders=True)
     lap("cache")
 
     folders: dict[str, Path] = {}
@@ -367,11 +459,11 @@ def train_fashion_teachers(
     def export(step: int, ema_unet: UNet2DConditionModel) -> None:
         name = "a" if step < unet_steps else "b"
         folder = out_dir / f"teacher_{name}"
-        pipeline = export_teacher(
-            folder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=ema_unet
-        )
+        teacher = model_family.with_unet(pipeline, ema_unet)
+        teacher.save_pretrained(folder, safe_serialization=True)
+        teacher.set_progress_bar_config(disable=True)
         sample_class_grid(
-            pipeline,
+            teacher,
             out_dir / f"teacher_{name}.png",
             seeds=grid_seeds,
             guidance_scale=guidance_scale,
@@ -379,13 +471,13 @@ def train_fashion_teachers(
         )
         folders[name] = folder
 
-    unet = tiny_unet(cross_attention_dim=text_hidden_size, block_out_channels=unet_channels)
     unet_losses = train_unet(
         unet,
+        conditioning,
         latent_mean,
         latent_std,
         labels,
-        prompt_embeddings,
+        scheduler=training_noise_scheduler(prediction_type),
         scaling_factor=scaling_factor,
         steps=unet_steps,
         batch_size=batch_size,
@@ -394,7 +486,7 @@ def train_fashion_teachers(
         min_snr_gamma=min_snr_gamma,
         uncond_prob=uncond_prob,
         ema_max_decay=ema_max_decay,
-        generator=generator,
+        seed=seed,
         accelerator=accelerator,
         progress=progress,
         on_checkpoint=export,

@@ -1,4 +1,4 @@
-"""Stable Diffusion v1 components in miniature, for the offline Fashion-MNIST teachers.
+"""Stable Diffusion components in miniature, for the offline Fashion-MNIST teachers.
 
 Same classes and block layout as SD v1.4 (AutoencoderKL, UNet2DConditionModel with CrossAttn
 down/up blocks and a cross-attention mid block, CLIPTextModel + the real CLIP tokenizer), scaled
@@ -8,14 +8,16 @@ down so a teacher trains on 2 CPU cores:
     caption --CLIP BPE--> ids (B, 77) --random frozen CLIPTextModel--> context (B, 77, D)
 
 The UNet keeps `layers_per_block=2`, so the student builder's `layers_per_block=1` pruning
-applies to it exactly as to SD v1.4.
+applies to it exactly as to SD v1.4. The SDXL twin (`tiny_sdxl_unet`) has SDXL's layout: no
+attention in the first stage, deeper transformers further down, linear projections, and the
+text-time embedding fed by the second text encoder's projected pooled output and six size ids.
 """
 
 from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from offline.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE
 
@@ -74,11 +76,14 @@ def tiny_text_encoder(
     num_hidden_layers: int = 2,
     num_attention_heads: int = 4,
     initializer_factor: float = 1.0,
-) -> CLIPTextModel:
+    projection_dim: int | None = None,
+) -> CLIPTextModel | CLIPTextModelWithProjection:
     """A randomly initialised, frozen CLIPTextModel over the real 49,408-token CLIP vocabulary.
 
     `seed` fixes the weights. `initializer_factor` scales every init std (transformers' CLIP
     init): larger values mix more caption content into every position of the (B, 77, D) output.
+    `projection_dim`: a CLIPTextModelWithProjection instead, whose projected pooled output
+    (B, projection_dim) is SDXL's `text_embeds` (SDXL's second encoder, OpenCLIP bigG, is one).
     """
     config = CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
@@ -91,10 +96,12 @@ def tiny_text_encoder(
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
+        projection_dim=projection_dim or hidden_size,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIPTextModel(config)
+        model_class = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+        model = model_class(config)
     model.requires_grad_(False)
     return model.eval()
 
@@ -106,9 +113,11 @@ def tiny_unet(
     attention_head_dim: int = 4,
     norm_num_groups: int = 8,
     sample_size: int = 8,
+    use_linear_projection: bool = False,
 ) -> UNet2DConditionModel:
     """SD v1's UNet layout in miniature: CrossAttn down blocks then one plain DownBlock2D,
-    a cross-attention mid block, mirrored up blocks. `sample_size` is the latent side."""
+    a cross-attention mid block, mirrored up blocks. `sample_size` is the latent side.
+    `use_linear_projection`: SD 2.x's transformers (linear in/out projections, not 1×1 convs)."""
     stages = len(block_out_channels)
     return UNet2DConditionModel(
         sample_size=sample_size,
@@ -123,14 +132,62 @@ def tiny_unet(
         attention_head_dim=attention_head_dim,
         norm_num_groups=norm_num_groups,
         cross_attention_dim=cross_attention_dim,
+        use_linear_projection=use_linear_projection,
     )
 
 
-def training_noise_scheduler() -> DDPMScheduler:
-    """The DDPM forward process SD v1 was trained with (epsilon prediction)."""
-    return DDPMScheduler(**SD_SCHEDULE, clip_sample=False)
+def tiny_sdxl_unet(
+    cross_attention_dim: int = 64,
+    pooled_text_dim: int = 32,
+    block_out_channels: tuple[int, ...] = (32, 64, 64),
+    transformer_layers: tuple[int, ...] = (1, 1, 2),
+    layers_per_block: int = 2,
+    attention_head_dim: int = 4,
+    time_ids_embed_dim: int = 8,
+    norm_num_groups: int = 8,
+    sample_size: int = 8,
+) -> UNet2DConditionModel:
+    """SDXL's UNet layout in miniature (SDXL base: 3 stages, no attention in the first,
+    transformer depth [-, 2, 10], `use_linear_projection`, `addition_embed_type="text_time"`).
+
+    cross_attention_dim: both text encoders' hidden widths, concatenated (SDXL: 768 + 1280).
+    The added embedding reads the pooled text (B, pooled_text_dim) beside the six size ids, each
+    Fourier-embedded to `time_ids_embed_dim` (SDXL: 1280 + 6 × 256 = 2816 inputs).
+    `transformer_layers[0]` is unused: the first stage has no attention.
+    """
+    stages = len(block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (stages - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (stages - 1) + ("UpBlock2D",),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        transformer_layers_per_block=list(transformer_layers),
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_ids_embed_dim,
+        projection_class_embeddings_input_dim=pooled_text_dim + 6 * time_ids_embed_dim,
+    )
 
 
-def sampling_scheduler() -> PNDMScheduler:
+def training_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The DDPM forward process SD v1 was trained with; SD 2.x-v trains the same schedule to
+    predict v (`prediction_type="v_prediction"`)."""
+    return DDPMScheduler(**SD_SCHEDULE, clip_sample=False, prediction_type=prediction_type)
+
+
+def sampling_scheduler(prediction_type: str = "epsilon") -> PNDMScheduler:
     """SD v1.4's default sampler, as shipped in its pipeline folder."""
-    return PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    return PNDMScheduler(
+        **SD_SCHEDULE,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )

@@ -75,6 +75,19 @@ class ModelFamily(ABC):
                 f"cannot load a {self.pipeline_class.__name__} from {location!r}: {first_line}"
             ) from None
 
+    @abstractmethod
+    def assemble(
+        self,
+        *,
+        vae: torch.nn.Module,
+        unet: UNet2DConditionModel,
+        scheduler: Any,
+        text_encoders: tuple[torch.nn.Module, ...],
+        tokenizers: tuple[Any, ...],
+    ) -> DiffusionPipeline:
+        """A pipeline of this family from parts (the offline world builds its teachers so): as
+        many text encoders and tokenizers as the family has, in its order."""
+
     def with_unet(
         self, pipeline: DiffusionPipeline, unet: UNet2DConditionModel
     ) -> DiffusionPipeline:

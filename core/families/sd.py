@@ -89,6 +89,18 @@ class StableDiffusion(ModelFamily):
     def conditioning(self, pipeline: DiffusionPipeline, *, encoders: bool) -> TextConditioning:
         return TextConditioning(pipeline.tokenizer, pipeline.text_encoder if encoders else None)
 
+    def assemble(self, *, vae, unet, scheduler, text_encoders, tokenizers):
+        (text_encoder,), (tokenizer,) = text_encoders, tokenizers
+        return self.pipeline_class(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            feature_extractor=None,
+            **self.pipeline_kwargs,
+        )
+
     def with_unet(self, pipeline, unet):
         components = {k: v for k, v in pipeline.components.items() if k != "safety_checker"}
         return self.pipeline_class(**{**components, "unet": unet}, **self.pipeline_kwargs)

@@ -88,6 +88,26 @@ class StableDiffusionXL(ModelFamily):
         text_encoders = (pipeline.text_encoder, pipeline.text_encoder_2) if encoders else None
         return SDXLConditioning(tokenizers, text_encoders)
 
+    def assemble(self, *, vae, unet, scheduler, text_encoders, tokenizers):
+        (text_encoder, text_encoder_2), (tokenizer, tokenizer_2) = text_encoders, tokenizers
+        # Training drops a caption to the ids of "" (as diffusers' SDXL training script does), so
+        # guidance must encode "" too, not the zero embedding SDXL base's pipeline defaults to.
+        return self.pipeline_class(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=False,
+        )
+
+    def with_unet(self, pipeline, unet):
+        components = {**pipeline.components, "unet": unet}
+        zeros = pipeline.config.force_zeros_for_empty_prompt  # a pipeline setting, not a part
+        return self.pipeline_class(**components, force_zeros_for_empty_prompt=zeros)
+
     def probe_inputs(
         self, config, *, batch_size=1, sample_size=None, device="cpu", dtype=torch.float32
     ):
