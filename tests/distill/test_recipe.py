@@ -157,6 +157,18 @@ def test_sd_scale_recipes_losses_fit_the_real_sd_v1_shapes(name: str) -> None:
         check_recipe_losses(validate_recipe(raw))
 
 
+def test_koala_recipe_fits_sdxl_and_taps_the_deepest_self_attentions() -> None:
+    """recipes/koala_700m.yaml on a meta-device SDXL base (the builtin config stands in for the
+    hub teacher): its preset finds the 15 self-attention pairs, and the same recipe on an SD v1
+    teacher is refused in one line before anything is built."""
+    raw = yaml.safe_load((RECIPES / "koala_700m.yaml").read_text())
+    raw["teachers"] = {"sdxl": "sdxl-base"}
+    check_recipe_losses(validate_recipe(raw))
+    raw["teachers"] = {"sdxl": "sd-v1-4"}
+    with pytest.raises(UserInputError, match="defined for sdxl teachers"):
+        check_recipe_losses(validate_recipe(raw))
+
+
 def test_cli_bad_recipe_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
     raw = copy.deepcopy(VALID)
     raw["output_dir"] = str(tmp_path / "run")
