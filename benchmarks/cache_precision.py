@@ -27,8 +27,13 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fashion_small_sd.yam
 TERMS = ("loss/task", "loss/output_kd")
 
 
-def run_once(teacher: str, dtype: str, steps: int, work: Path) -> list[dict]:
+def run_once(
+    teacher: str, dtype: str, steps: int, work: Path, max_samples: int | None = None
+) -> list[dict]:
     raw = yaml.safe_load(RECIPE.read_text())
+    if max_samples is not None:
+        raw["data"]["max_samples"] = max_samples
+    raw["data"]["cache_dir"] = str(work / "caches")  # never an old cache: both are built here
     raw["teachers"] = {"a": teacher, "b": teacher}
     raw["output_dir"] = str(work / f"run-{dtype}")
     raw["data"]["cache_dtype"] = dtype
@@ -39,7 +44,7 @@ def run_once(teacher: str, dtype: str, steps: int, work: Path) -> list[dict]:
     raw["stages"] = [stage]
     path = work / f"recipe-{dtype}.yaml"
     path.write_text(yaml.safe_dump(raw))
-    if distill_main(["run", str(path), "--overwrite"]) != 0:
+    if distill_main(["run", str(path), "--overwrite", "--no-progress"]) != 0:
         raise SystemExit(f"the {dtype} run failed")
     log = Path(raw["output_dir"]) / "logs" / "metrics.jsonl"
     return [json.loads(line) for line in log.read_text().splitlines()]
@@ -92,16 +97,19 @@ def draw(curves: dict[str, dict[str, list[tuple[int, float]]]], out: Path) -> No
     image.save(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="an offline-world teacher pipeline")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--window", type=int, default=6, help="logged steps per mean")
     parser.add_argument("--out", type=Path, default=Path("runs/cache_precision.png"))
-    args = parser.parse_args()
+    parser.add_argument("--max-samples", type=int, help="training images (default: the recipe's)")
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
         dtypes = ("float16", "float32")
-        logs = {d: run_once(args.teacher, d, args.steps, Path(work)) for d in dtypes}
+        logs = {
+            d: run_once(args.teacher, d, args.steps, Path(work), args.max_samples) for d in dtypes
+        }
     curves = {d: {t: windowed(rows, t, args.window) for t in TERMS} for d, rows in logs.items()}
     for term in TERMS:
         print(f"\n{term}: mean over {args.window} logged steps (every 5th step)")
@@ -115,6 +123,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     draw(curves, args.out)
     print(f"\ncurves: {args.out}")
+    return curves
 
 
 if __name__ == "__main__":

@@ -77,6 +77,19 @@ def current_rss_gib() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
 
 
+def rss_split_mib() -> dict[str, float]:
+    """RSS by kind (/proc/self/status): `anon`, memory the process holds (heap, tensors), and
+    `file`, pages of memory-mapped files (the shards, read through safetensors' mmap), which the
+    kernel may drop and re-read at will: they grow with the shard bytes touched, not with state."""
+    fields = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                name, kib, _ = line.split()
+                fields[name.removeprefix("Rss").removesuffix(":").lower()] = int(kib) / 1024
+    return fields
+
+
 def photo_like(count: int, size: int, seed: int = 0) -> datasets.Dataset:
     """Random images with structure at several scales (upsampled noise), and captions."""
     rng = np.random.default_rng(seed)
@@ -184,8 +197,10 @@ def growth(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def open_and_read(folder: str) -> dict[str, float]:
-    """In a fresh process: seconds to open, RSS after opening and after 1000 random reads."""
+    """In a fresh process: seconds to open, RSS after opening and after 1000 random reads (all,
+    and its anonymous and file-backed parts after the reads, as growth over the start)."""
     rss_before = current_rss_gib()
+    split_before = rss_split_mib()
     started = time.perf_counter()
     cache = LatentCache(folder)
     opened = time.perf_counter() - started
@@ -199,6 +214,10 @@ def open_and_read(folder: str) -> dict[str, float]:
         "open_seconds": opened,
         "rss_opened_mib": (rss_open - rss_before) * 1024,
         "rss_after_reads_mib": (current_rss_gib() - rss_before) * 1024,
+        **{
+            f"rss_{kind}_after_reads_mib": mib - split_before[kind]
+            for kind, mib in rss_split_mib().items()
+        },
         "ms_per_read": reads,  # 1000 reads: seconds in all = milliseconds per read
     }
 

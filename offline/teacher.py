@@ -136,15 +136,20 @@ def train_vae(
         l1 = (reconstruction - pixels).abs().mean()
         kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
         loss = l1 + kl_weight * kl
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        _update(accelerator, vae, loss, optimizer, schedule)
         losses.append(l1.item())
         bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.3f}")
     vae.eval()
     return losses
+
+
+def _update(accelerator: Accelerator, model, loss, optimizer, schedule) -> None:
+    """One clipped optimizer step (norm 1.0) and one LR-schedule step."""
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -253,11 +258,7 @@ def train_unet(
             loss = (per_sample * min_snr_weights(snr, min_snr_gamma, prediction_type)).mean()
         else:
             loss = per_sample.mean()
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        _update(accelerator, unet, loss, optimizer, schedule)
         ema.step(unet.parameters())
         losses.append(per_sample.mean().item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{schedule.get_last_lr()[0]:.1e}")

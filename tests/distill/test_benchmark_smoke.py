@@ -86,3 +86,20 @@ def test_pair_magnitudes_prints_every_pair_raw_and_normalized(capsys):
         for pair in results["feature_kd"]
     ]
     assert max(ratios) > 1.5 * min(ratios)
+
+
+def test_cache_precision_runs_both_dtypes_and_draws_their_curves(tmp_path, capsys):
+    from testkit.tiny_world import make_tiny_pipeline
+
+    teacher = make_tiny_pipeline(tmp_path / "teacher", 1)
+    out = tmp_path / "curves.png"
+    argv = ["--teacher", str(teacher), "--steps", "10", "--window", "1", "--max-samples", "16"]
+    curves = load_benchmark("cache_precision").main([*argv, "--out", str(out)])
+    assert set(curves) == {"float16", "float32"}
+    for term in ("loss/task", "loss/output_kd"):
+        assert [s for s, _ in curves["float16"][term]] == [5, 10]
+        half, full = curves["float16"][term], curves["float32"][term]
+        # fp16 rounding of the posterior moves a loss by far less than a percent
+        assert all(abs(h - f) <= 0.01 * f for (_, h), (_, f) in zip(half, full, strict=True))
+    assert out.stat().st_size > 0
+    assert "largest relative gap" in capsys.readouterr().out

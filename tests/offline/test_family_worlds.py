@@ -12,20 +12,10 @@ from pathlib import Path
 import pytest
 
 from distill.cli import main
+from testkit.tiny_world import TOY_TEACHER_OVERRIDES
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
-TOY_TEACHER = [
-    "train.vae_steps=2",
-    "train.unet_steps=4",
-    "train.batch_size=4",
-    "train.vae_batch_size=4",
-    "train.vae_channels=[8, 16, 16]",
-    "train.unet_channels=[16, 32, 32]",
-    "train.max_train_samples=64",
-    "train.grid_seeds=[0]",
-    "train.grid_inference_steps=2",
-]
 
 LOAD = """
 import json, sys
@@ -67,7 +57,8 @@ WORLDS = {
 def test_world_trains_distills_evaluates_and_exports(world: str, tmp_path: Path, capsys) -> None:
     teacher_recipe, student_recipe, stages, pipeline_class, prediction, depth = WORLDS[world]
     teachers = tmp_path / "teachers"
-    command = ["run", str(RECIPES / teacher_recipe), f"output_dir={teachers}", *TOY_TEACHER]
+    command = ["run", str(RECIPES / teacher_recipe), f"output_dir={teachers}"]
+    command += TOY_TEACHER_OVERRIDES
     assert main([*command, "--no-progress"]) == 0
 
     run = tmp_path / "run"

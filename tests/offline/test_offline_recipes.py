@@ -7,7 +7,7 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 
 from distill.cli import main
-from testkit.tiny_world import make_tiny_pipeline
+from testkit.tiny_world import TOY_TEACHER_OVERRIDES, make_tiny_pipeline
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -35,22 +35,9 @@ def test_fashion_small_sd_recipe_runs_its_three_stages(tmp_path: Path) -> None:
     assert pipeline.unet.config.layers_per_block == 1
 
 
-TINY_TEACHER = [
-    "train.vae_steps=2",
-    "train.unet_steps=2",
-    "train.batch_size=4",
-    "train.vae_batch_size=4",
-    "train.vae_channels=[8, 16, 16]",
-    "train.unet_channels=[16, 32, 32]",
-    "train.max_train_samples=64",
-    "train.grid_seeds=[0]",
-    "train.grid_inference_steps=2",
-]
-
-
 def test_fashion_teacher_recipe_trains_then_reuses_its_teachers(tmp_path: Path, capsys) -> None:
     recipe = str(RECIPES / "fashion_teacher.yaml")
-    overrides = [f"output_dir={tmp_path / 'teachers'}", *TINY_TEACHER]
+    overrides = [f"output_dir={tmp_path / 'teachers'}", *TOY_TEACHER_OVERRIDES]
     assert main(["run", recipe, *overrides, "--no-progress"]) == 0
     for name in ("a", "b"):
         pipeline = StableDiffusionPipeline.from_pretrained(

@@ -119,3 +119,17 @@ def recorded_recipe(tmp_path: Path, teachers: dict[str, Path]) -> dict:
         }
     )
     return raw
+
+
+# A `kind: teacher` recipe at toy size (seconds): `distill run RECIPE output_dir=... *these`.
+TOY_TEACHER_OVERRIDES = [
+    "train.vae_steps=2",
+    "train.unet_steps=4",
+    "train.batch_size=4",
+    "train.vae_batch_size=4",
+    "train.vae_channels=[8, 16, 16]",
+    "train.unet_channels=[16, 32, 32]",
+    "train.max_train_samples=64",
+    "train.grid_seeds=[0]",
+    "train.grid_inference_steps=2",
+]
