@@ -127,6 +127,15 @@ def _resampled_trace_and_mean(gram: torch.Tensor, resample: Resample) -> tuple[f
     return (sum_of_norms - n * mean_norm) / (n - 1), mean_norm
 
 
+def _shifted_mean_norm(
+    offset_norm: float, offset_dot: torch.Tensor, mean_norm: float, resample: Resample
+) -> float:
+    """‖d + x̄*‖² for a fixed offset d and the resample mean x̄* of centered rows X̃:
+    ‖d‖² + 2 d·x̄* + ‖x̄*‖², with d·x̄* = (1/n) Σ c_u (x̃_u·d) from `offset_dot` = X̃ d (n,)."""
+    c, n = resample.counts, resample.n
+    return offset_norm + 2 * float(c @ offset_dot.index_select(0, resample.rows)) / n + mean_norm
+
+
 class ReferenceFID:
     """FID of features X (n, D) against fixed reference moments (μ_r (D,), Σ_r (D, D)), for X
     itself or any bootstrap resample of its rows. Exact; meant for n ≤ D (the n×n matrices it
@@ -152,11 +161,7 @@ class ReferenceFID:
         n, c = resample.n, resample.counts
         trace_g, mean_norm = _resampled_trace_and_mean(self._gram, resample)
         # ‖μ* − μ_r‖² with μ* = μ_g + x̄*
-        mean_term = (
-            self._offset_norm
-            + 2 * float(c @ self._offset_dot.index_select(0, resample.rows)) / n
-            + mean_norm
-        )
+        mean_term = _shifted_mean_norm(self._offset_norm, self._offset_dot, mean_norm, resample)
         cross = _weighted_centered(_block(self._cross, resample), c)  # (m, m)
         eigenvalues = torch.linalg.eigvalsh(cross / (n - 1))
         trace_sqrt = float(eigenvalues.clamp(min=0).sqrt().sum())
@@ -190,10 +195,8 @@ class PairedFID:
         resample = resample or Resample.identity(self.n)
         n, c = resample.n, resample.counts
         _, difference_norm = _resampled_trace_and_mean(self._gram_difference, resample)
-        mean_term = (
-            self._offset_norm
-            + 2 * float(c @ self._offset_dot.index_select(0, resample.rows)) / n
-            + difference_norm
+        mean_term = _shifted_mean_norm(
+            self._offset_norm, self._offset_dot, difference_norm, resample
         )
         trace_a, _ = _resampled_trace_and_mean(self._gram_a, resample)
         trace_b, _ = _resampled_trace_and_mean(self._gram_b, resample)
