@@ -87,6 +87,9 @@ class EMASpec(_Strict):
 
 class TrainingSpec(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # The trained weights' dtype (distill.precision). float64: a reference run whose numbers
+    # agree across CPUs (every model cast to float64; no mixed precision).
+    dtype: Literal["float32", "float64"] = "float32"
     gradient_checkpointing: bool = False
     max_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
@@ -104,6 +107,12 @@ class TrainingSpec(_Strict):
     max_consecutive_nonfinite: Annotated[int, Field(gt=0)] = 5
     # DataLoader workers reading the cache ahead of the step; None: min(4, CPUs - 1).
     data_workers: Annotated[int, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _reference_runs_are_unmixed(self) -> TrainingSpec:
+        if self.dtype == "float64" and self.mixed_precision != "no":
+            raise ValueError("dtype float64 (a reference run) needs mixed_precision: 'no'")
+        return self
 
 
 class StageSpec(_Strict):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 import yaml
 from diffusers import UNet2DConditionModel
 
@@ -65,9 +66,10 @@ class RunFolder:
         with atomic_folder(self.stage_unet(index)) as folder:
             student.save_pretrained(folder, safe_serialization=True)
 
-    def save_student_pipeline(self, components, index: int) -> Path:
-        """Stage `index`'s student inside `components`' pipeline (VAE, text encoder, ...)."""
-        unet = UNet2DConditionModel.from_pretrained(self.stage_unet(index))
+    def save_student_pipeline(self, components, index: int, dtype: torch.dtype) -> Path:
+        """Stage `index`'s student, in `dtype`, inside `components`' pipeline (VAE, text
+        encoder, ...)."""
+        unet = UNet2DConditionModel.from_pretrained(self.stage_unet(index), dtype=dtype)
         with atomic_folder(self.student_pipeline) as folder:
             components.with_unet(unet).save_pretrained(folder, safe_serialization=True)
         return self.student_pipeline

@@ -37,6 +37,7 @@ from distill.data.build import ProcessLayout
 from distill.data.loader import MicroBatches, micro_batches
 from distill.distributed_state import full_tensors, student_state
 from distill.losses import Loss, build_losses
+from distill.precision import Precision
 from distill.provenance import RunProvenance, teacher_fingerprint
 from distill.recipe import DataSpec, Recipe, StageSpec, TrainingSpec
 from distill.run_folder import RunFolder
@@ -50,8 +51,6 @@ from distill.teacher import (
 )
 from distill.validation import save_validation_grid
 from students import build_student
-
-MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -98,14 +97,16 @@ class StageBuilder:
         self.folder = folder
         self.progress = progress
         self.run_dir = Path(recipe.output_dir)
-        self.mixed_dtype = MIXED_PRECISION_DTYPES[recipe.training.mixed_precision]
+        self.precision = Precision.of(recipe.training.mixed_precision, recipe.training.dtype)
         self._components: dict[str, PipelineComponents] = {}
         self.provenance = RunProvenance(self.run_dir)
 
     def components(self, key: str) -> PipelineComponents:
         """The pipeline behind teacher `key`, loaded once while it is the latest one asked for."""
         if key not in self._components:
-            self._components = {key: load_pipeline_components(self.recipe.teachers[key])}
+            # A reference run holds the VAE and text encoders in float64 too (cache and step).
+            dtype = self.precision.weights if self.precision.is_reference else None
+            self._components = {key: load_pipeline_components(self.recipe.teachers[key], dtype)}
         return self._components[key]
 
     def source_key(self, index: int) -> str:
@@ -126,7 +127,7 @@ class StageBuilder:
         teacher = None
         if spec.teacher is not None:
             check_compatible(student, components.unet, spec.teacher)
-            teacher = FrozenTeacher(components.unet, self.mixed_dtype).to(accelerator.device)
+            teacher = FrozenTeacher(components.unet, self.precision.compute).to(accelerator.device)
         losses = build_losses(spec.losses, student.config, components.unet.config)
         check_key = None
         if checkpoint is not None:  # a resumed stage must train on the data it started with
@@ -220,12 +221,14 @@ class StageBuilder:
             previous = self.folder.stage_unet(index - 1)
             if not previous.is_dir():
                 raise UserInputError(f"stage {index + 1} needs the previous stage's {previous}")
-            return UNet2DConditionModel.from_pretrained(previous, use_safetensors=True)
+            return UNet2DConditionModel.from_pretrained(
+                previous, use_safetensors=True, dtype=self.precision.weights
+            )
         init = self.components(self.recipe.student.init_from)
         student, report = build_student(init.unet, self.recipe.student.shape())
         if self.accelerator.is_main_process:
             (self.run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        return student if student.dtype == torch.float32 else student.to(torch.float32)
+        return student.to(self.precision.weights)
 
 
 def training_accelerator(training: TrainingSpec, logs: Path) -> Accelerator:
@@ -311,8 +314,8 @@ def final_student(ctx: StageContext, accelerator: Accelerator) -> UNet2DConditio
     shadows = full_tensors(ctx.ema.shadow_params) if ctx.ema is not None else None
     if not accelerator.is_main_process:
         return None
-    config = unwrap_model(ctx.student).config
-    final = UNet2DConditionModel.from_config(config)
+    trained = unwrap_model(ctx.student)
+    final = UNet2DConditionModel.from_config(trained.config).to(trained.dtype)
     final.load_state_dict(state)
     if shadows is not None:  # EMAModel.copy_to: shadow i -> parameter i, in parameter order
         with torch.no_grad():

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from distill.data.cache import sample_latents
 from distill.losses import Loss, StepOutputs, task_target, weighted_total
+from distill.precision import at_least_fp32
 from distill.taps import FeatureTaps
 from distill.teacher import FrozenTeacher
 
@@ -46,6 +47,7 @@ def noise_batch(
     shift_factor: float | None = None,
     uncond_prob: float = 0.0,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> NoisyBatch:
     """The forward diffusion process on one batch, every draw from the sample's own generator.
 
@@ -56,11 +58,16 @@ def noise_batch(
     generators: one CPU generator per sample (`distill.step_randomness.sample_generator`), drawn
         in a fixed order: posterior sample, noise, timestep, dropout. The batch is therefore the
         same on any device and for any split of the global batch over processes.
+    dtype: of the latents, noise and target (the run's weights dtype, `distill.precision`).
     """
     latents = sample_latents(
-        latent_mean, latent_std, scaling_factor, list(generators), shift_factor=shift_factor
+        latent_mean.to(dtype),
+        latent_std.to(dtype),
+        scaling_factor,
+        list(generators),
+        shift_factor=shift_factor,
     )  # (B, C, h, w)
-    noise = randn_tensor(latents.shape, generator=list(generators))  # (B, C, h, w)
+    noise = randn_tensor(latents.shape, generator=list(generators), dtype=dtype)  # (B, C, h, w)
     num_timesteps = scheduler.config.num_train_timesteps
     timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in generators])
     drop = torch.cat([torch.rand(1, generator=g) for g in generators]) < uncond_prob  # (B,)
@@ -104,9 +111,9 @@ def distillation_losses(
             teacher_pred = teacher(batch.noisy, batch.timesteps, **batch.conditioning)
             teacher_features = taps.features
     outputs = StepOutputs(
-        student_pred=student_pred.float(),
-        target=batch.target.float(),
-        teacher_pred=teacher_pred.float() if teacher_pred is not None else None,
+        student_pred=at_least_fp32(student_pred),
+        target=at_least_fp32(batch.target),
+        teacher_pred=at_least_fp32(teacher_pred) if teacher_pred is not None else None,
         student_features=student_taps.features,
         teacher_features=teacher_features,
         timesteps=batch.timesteps,

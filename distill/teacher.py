@@ -53,9 +53,10 @@ class PipelineComponents:
         return self.family.with_unet(self.pipeline, unet)
 
 
-def load_pipeline_components(source: str) -> PipelineComponents:
+def load_pipeline_components(source: str, dtype: torch.dtype | None = None) -> PipelineComponents:
+    """The pipeline at `source` (folder or hub id), in `dtype` (None: as stored)."""
     resolved = resolve(source)
-    return PipelineComponents(source=source, pipeline=resolved.pipeline(), family=resolved.family)
+    return PipelineComponents(source, resolved.pipeline(dtype), resolved.family)
 
 
 class FrozenTeacher(nn.Module):

@@ -33,6 +33,7 @@ from distill.checkpoint import (
     plan_resume,
     save_training_checkpoint,
 )
+from distill.precision import at_least_fp32
 from distill.preflight import check_recipe_losses
 from distill.recipe import Recipe
 from distill.run_folder import RunFolder
@@ -211,8 +212,8 @@ class DistillationTrainer:
                     return self._skip_step(ctx, step)
                 accelerator.backward(total / accumulation)
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.float() / accumulation
-            total_sum = total_sum + total.detach().float() / accumulation
+                sums[name] = sums.get(name, 0.0) + at_least_fp32(value) / accumulation
+            total_sum = total_sum + at_least_fp32(total.detach()) / accumulation
         applied, ctx.grad_norm = guarded_update(
             accelerator, ctx.student, ctx.optimizer, self.recipe.training.max_grad_norm
         )
@@ -258,6 +259,7 @@ class DistillationTrainer:
             shift_factor=ctx.cache.shift_factor,
             uncond_prob=self.recipe.training.uncond_prob,
             device=self.accelerator.device,
+            dtype=self.stages.precision.weights,
         )
         batch = replace(batch, conditioning=ctx.conditioning.encode(batch.conditioning))
         with self.accelerator.autocast():
@@ -292,7 +294,9 @@ class DistillationTrainer:
         if self.accelerator.is_main_process:
             source = self.stages.source_key(len(self.recipe.stages) - 1)
             self.folder.save_student_pipeline(
-                self.stages.components(source), len(self.recipe.stages) - 1
+                self.stages.components(source),
+                len(self.recipe.stages) - 1,
+                self.stages.precision.weights,
             )
         self.accelerator.wait_for_everyone()
         return self.folder.student_pipeline

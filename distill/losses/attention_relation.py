@@ -36,6 +36,7 @@ from distill.losses.base import (
     Shape,
 )
 from distill.losses.similarity import pooled_positions, pooled_tokens
+from distill.precision import at_least_fp32
 from students import self_attention_pairs
 
 PROJECTIONS = ("to_q", "to_k", "to_v")
@@ -55,7 +56,7 @@ def attention_relation_log_probs(tokens: Tensor, relation_heads: int) -> Tensor:
         )
     head_width = channels // relation_heads
     with torch.autocast(device_type=tokens.device.type, enabled=False):
-        heads = tokens.float().reshape(batch, positions, relation_heads, head_width)
+        heads = at_least_fp32(tokens).reshape(batch, positions, relation_heads, head_width)
         heads = heads.transpose(1, 2)  # (B, R, N, d_r)
         scores = heads @ heads.transpose(-1, -2) / math.sqrt(head_width)  # (B, R, N, N)
         return scores.log_softmax(dim=-1)
@@ -107,8 +108,8 @@ class AttentionRelationLoss(FeatureLoss):
         return None
 
     def pair_term(self, student: Tensor, teacher: Tensor) -> Tensor:
-        student_tokens = pooled_tokens(student.float(), self.max_positions)
-        teacher_tokens = pooled_tokens(teacher.float(), self.max_positions)
+        student_tokens = pooled_tokens(at_least_fp32(student), self.max_positions)
+        teacher_tokens = pooled_tokens(at_least_fp32(teacher), self.max_positions)
         return relation_kl(
             attention_relation_log_probs(teacher_tokens, self.relation_heads),
             attention_relation_log_probs(student_tokens, self.relation_heads),

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from core.errors import UserInputError
+from distill.precision import at_least_fp32
 from students import PAIR_PRESETS, block_pairs
 
 LayerPair = tuple[str, str]  # (student module path, teacher module path)
@@ -180,7 +181,7 @@ class MSEPairOptions(FeatureLossOptions):
 
 def pair_mse(student: Tensor, teacher: Tensor, normalize: str) -> Tensor:
     """MSE of one pair in fp32, optionally relative to the teacher's mean square."""
-    student, teacher = student.float(), teacher.float()
+    student, teacher = at_least_fp32(student), at_least_fp32(teacher)
     term = F.mse_loss(student, teacher)
     if normalize == "teacher":
         term = term / teacher.pow(2).mean().clamp_min(1e-12)

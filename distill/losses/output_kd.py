@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.losses.base import Loss, StepOutputs
+from distill.precision import at_least_fp32
 
 
 class OutputKDLoss(Loss):
@@ -23,5 +24,5 @@ class OutputKDLoss(Loss):
     def forward(self, outputs: StepOutputs) -> dict[str, Tensor]:
         if outputs.teacher_pred is None:
             raise ValueError("output_kd needs the teacher's prediction; the stage has no teacher")
-        teacher = outputs.teacher_pred.detach().float()
-        return {"output_kd": F.mse_loss(outputs.student_pred.float(), teacher)}
+        teacher = at_least_fp32(outputs.teacher_pred.detach())
+        return {"output_kd": F.mse_loss(at_least_fp32(outputs.student_pred), teacher)}

@@ -19,6 +19,7 @@ from pydantic import Field
 from torch import Tensor
 
 from distill.losses.base import FeatureLoss, LossOptions, MSEPairOptions, Shape, pair_mse
+from distill.precision import at_least_fp32
 
 
 def pooled_grid_size(height: int, width: int, max_positions: int) -> tuple[int, int]:
@@ -90,7 +91,7 @@ def similarity_matrix(features: Tensor, max_positions: int) -> Tensor:
     the teacher, that difference is as small as the rounding and the gradient becomes noise.
     """
     with torch.autocast(device_type=features.device.type, enabled=False):
-        tokens = pooled_tokens(features.float(), max_positions)  # (B, N, C)
+        tokens = pooled_tokens(at_least_fp32(features), max_positions)  # (B, N, C)
         return torch.bmm(tokens, tokens.transpose(1, 2)) / tokens.shape[-1]  # (B, N, N)
 
 

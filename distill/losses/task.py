@@ -15,6 +15,7 @@ from torch import Tensor
 
 from core.errors import UserInputError
 from distill.losses.base import Loss, StepOutputs
+from distill.precision import at_least_fp32
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -55,4 +56,6 @@ class TaskLoss(Loss):
 
     def forward(self, outputs: StepOutputs) -> dict[str, Tensor]:
         # Reduce in fp32: a mean of many small squared errors loses digits in bf16.
-        return {"task": F.mse_loss(outputs.student_pred.float(), outputs.target.float())}
+        return {
+            "task": F.mse_loss(at_least_fp32(outputs.student_pred), at_least_fp32(outputs.target))
+        }
