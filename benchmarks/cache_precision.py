@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from PIL import Image, ImageDraw
 
-from distill.cli import main as distill_main
+from cli import main as distill_main
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fashion_small_sd.yaml"
 TERMS = ("loss/task", "loss/output_kd")

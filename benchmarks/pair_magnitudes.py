@@ -32,8 +32,7 @@ from core.families import builtin_config, encode_captions, unet_from_config
 from distill.losses import build_losses, validate_loss_blocks
 from distill.step import distillation_losses, noise_batch
 from distill.teacher import FrozenTeacher
-from offline.fashion_mnist import caption_for, load_fashion_mnist_arrays
-from offline.teacher import fashion_pixels
+from offline.fashion_mnist import caption_for, fashion_pixels, load_fashion_mnist_arrays
 from offline.tiny_models import sd_v1_4_toy_config, training_noise_scheduler
 from students import build_student
 

@@ -1,12 +1,18 @@
 """Registered parts found through package entry points, so a user of the engine (the offline
-world, or a user's own package) adds a data source or a recipe kind without the engine importing
-it. Declared in a pyproject.toml:
+world, or a user's own package) adds a data source, a recipe kind, a stage kind or a model
+family without the engine importing it. Declared in a pyproject.toml:
 
     [project.entry-points."sd_distill.sources"]
     fashion-mnist = "offline.fashion_mnist:load_fashion_mnist"   # (split=, max_samples=) -> Dataset
 
     [project.entry-points."sd_distill.recipe_kinds"]
     teacher = "offline.teacher_recipe:run_teacher_recipe"      # (path, overrides, ...) -> exit
+
+    [project.entry-points."sd_distill.stage_kinds"]
+    autoencoder = "offline.autoencoder:AutoencoderKind"        # a distill.kinds.StageKind
+
+    [project.entry-points."sd_distill.families"]
+    sd = "core.families.sd:StableDiffusion"                    # a core.families.ModelFamily
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from typing import Any
 
 SOURCES = "sd_distill.sources"
 RECIPE_KINDS = "sd_distill.recipe_kinds"
+STAGE_KINDS = "sd_distill.stage_kinds"
+FAMILIES = "sd_distill.families"
 
 
 def registered(group: str) -> dict[str, Any]:

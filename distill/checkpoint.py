@@ -3,6 +3,7 @@
     <run_dir>/checkpoints/stage01-step0000500/
         student.safetensors     the student's weights
         ema.safetensors         EMA shadow weights (when EMA is on)
+        stage.safetensors       the stage kind's own tensors (e.g. a target network), if any
         optimizer.pt            optimizer, LR-schedule and EMA counters (weights_only=True)
         state.json              stage index and name, step, counters
 
@@ -41,9 +42,10 @@ from distill.distributed_state import (
 )
 
 _NAME = re.compile(r"^stage(\d{2})-step(\d{7})$")
-STUDENT_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE = (
+STUDENT_FILE, EMA_FILE, KIND_FILE, OPTIMIZER_FILE, STATE_FILE = (
     "student.safetensors",
     "ema.safetensors",
+    "stage.safetensors",
     "optimizer.pt",
     "state.json",
 )
@@ -69,6 +71,10 @@ class Checkpoint:
         path = self.path / EMA_FILE
         return load_file(path) if path.exists() else None
 
+    def load_kind_state(self) -> dict[str, torch.Tensor]:
+        path = self.path / KIND_FILE
+        return load_file(path) if path.exists() else {}
+
     def load_optimizer(self) -> dict[str, Any]:
         return torch.load(self.path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
 
@@ -84,6 +90,7 @@ def save_checkpoint(
     student: dict[str, torch.Tensor],
     optimizer: dict[str, Any],
     ema: dict[str, torch.Tensor] | None = None,
+    kind_state: dict[str, torch.Tensor] | None = None,
     keep_last: int | None = None,
 ) -> Path:
     """Write a checkpoint atomically, then delete all but the newest `keep_last`."""
@@ -95,6 +102,8 @@ def save_checkpoint(
     save_file(_contiguous_cpu(student), str(temporary / STUDENT_FILE))
     if ema is not None:
         save_file(_contiguous_cpu(ema), str(temporary / EMA_FILE))
+    if kind_state:
+        save_file(_contiguous_cpu(kind_state), str(temporary / KIND_FILE))
     torch.save(optimizer, temporary / OPTIMIZER_FILE)
     (temporary / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
     if final.exists():  # re-saving the same step (e.g. stage end right after a periodic save)
@@ -187,6 +196,7 @@ def save_training_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     ema: EMAModel | None,
+    kind_state: dict[str, torch.Tensor] | None = None,
     keep_last: int | None = None,
 ) -> Path:
     """`save_checkpoint` for the objects one stage trains with (the prepared student).
@@ -194,11 +204,12 @@ def save_training_checkpoint(
     Collective: every process calls it (an FSDP student is gathered shard by shard), the main
     process writes. The EMA's shadow weights go to ema.safetensors as tensors "0", "1", ... in
     parameter order; its counters and the fp16 GradScaler's state (scale, growth tracker) go to
-    optimizer.pt beside the optimizer's. Weights that are not all finite are never written
+    optimizer.pt beside the optimizer's; the stage kind's own tensors (`kind_state`, whole) go to
+    stage.safetensors. Weights that are not all finite are never written
     (NonFiniteWeights, raised on every process): the last checkpoint on disk stays the last good
     one.
     """
-    bad = _first_nonfinite(student, ema)
+    bad = _first_nonfinite(student, ema, kind_state or {})
     if accelerator.reduce(
         torch.tensor([float(bad is not None)], device=accelerator.device), reduction="sum"
     ).item():
@@ -219,6 +230,7 @@ def save_training_checkpoint(
             state,
             student=student_tensors,
             ema=ema_tensors,
+            kind_state=kind_state,
             optimizer={
                 "optimizer": optimizer_tensors,
                 "lr_scheduler": lr_scheduler.state_dict(),
@@ -231,8 +243,10 @@ def save_training_checkpoint(
     return final
 
 
-def _first_nonfinite(student: torch.nn.Module, ema: EMAModel | None) -> str | None:
-    """The first student or EMA tensor (this process's part of it) holding NaN/Inf."""
+def _first_nonfinite(
+    student: torch.nn.Module, ema: EMAModel | None, kind_state: dict[str, torch.Tensor]
+) -> str | None:
+    """The first student, EMA or stage-kind tensor (this process's part of it) with NaN/Inf."""
     for name, tensor in student.named_parameters():
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         if not torch.isfinite(local).all():
@@ -241,6 +255,9 @@ def _first_nonfinite(student: torch.nn.Module, ema: EMAModel | None) -> str | No
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         if not torch.isfinite(local).all():
             return f"EMA tensor {index}"
+    for name, tensor in kind_state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"stage tensor {name}"
     return None
 
 

@@ -161,7 +161,7 @@ def model_card(
             f"{s.batch_size}×{s.gradient_accumulation} | {s.lr:g} ({s.lr_schedule}, "
             f"{s.warmup_steps}) | "
             + ", ".join(
-                f"{name} {block.weight:g}" for name, block in s.losses.items() if block.weight
+                f"{name} {block.weight:g}" for name, block in s.loss_blocks.items() if block.weight
             )
             + " |"
             for i, s in enumerate(recipe.stages)

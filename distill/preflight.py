@@ -4,7 +4,8 @@ A layer pair that names no module, or whose features cannot be paired (a 16×16 
 an 8×8 teacher map), would otherwise surface at the first step of its stage, hours into a run.
 Here both UNets of every stage are built on the meta device from their configs (no weights, no
 memory, about a second at SD scale), run once on meta inputs with the losses' taps, and each
-feature loss checks the shapes of its pairs. Problems are one line naming the recipe key.
+feature loss checks the shapes of its pairs. Problems are one line naming the recipe key. The run
+plan (`distill.plan`) calls this for every stage before anything is written.
 """
 
 from __future__ import annotations
@@ -15,43 +16,10 @@ from typing import Any
 import torch
 
 from core.errors import UserInputError
-from core.families import ModelSource, family_for, resolve, unet_from_config
+from core.families import family_for, unet_from_config
 from core.identity import stable_hash
-from distill.losses import FeatureLoss, Loss, build_losses
-from distill.recipe import Recipe
+from distill.losses import FeatureLoss, Loss
 from distill.taps import FeatureTaps, resolve_module
-from students import student_config
-
-
-def check_recipe_losses(recipe: Recipe) -> None:
-    """Every stage's teacher of the student's family, and its losses built and shape-checked on
-    meta-device models of the recipe's UNets."""
-    sources: dict[str, ModelSource] = {}
-
-    def source_of(key: str) -> ModelSource:
-        if key not in sources:
-            sources[key] = resolve(recipe.teachers[key])
-        return sources[key]
-
-    init = source_of(recipe.student.init_from)
-    student = student_config(init.unet_config, recipe.student.shape())
-    for index, stage in enumerate(recipe.stages):
-        teacher = None
-        if stage.teacher is not None:
-            source = source_of(stage.teacher)
-            if source.family.name != init.family.name:
-                raise UserInputError(
-                    f"stages.{index}.teacher: {stage.teacher!r} is an {source.family.name} "
-                    f"teacher, but the student is built from {recipe.student.init_from!r}, an "
-                    f"{init.family.name} teacher: a stage teacher must be of the student's family"
-                )
-            teacher = source.unet_config
-        try:
-            losses = build_losses(stage.losses, student, teacher)
-            if teacher is not None:
-                check_loss_shapes(losses, student, teacher)
-        except UserInputError as error:
-            raise UserInputError(f"stages.{index}.{error}") from None
 
 
 def check_loss_shapes(

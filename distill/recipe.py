@@ -19,12 +19,14 @@ from pydantic import (
     Field,
     SerializeAsAny,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from core.errors import UserInputError
 from core.paths import HUB_ID
+from distill.kinds import DEFAULT_KIND, KindOptions, stage_kind, validate_kind_options
 from distill.losses import LossOptions, reads_teacher, validate_loss_blocks
 from students import VARIANTS, StudentVariant
 
@@ -68,6 +70,9 @@ class DataSpec(_Strict):
     resolution: Annotated[int, Field(gt=0)]
     center_crop: bool = True
     random_flip: bool = False
+    # SDXL's original-size ids: the images' own sizes ("original"), or the training resolution
+    # ("target", for data upscaled from one small size; see distill.data.PreprocessSpec).
+    size_ids: Literal["original", "target"] = "original"
     cache_dir: str | None = None  # default: $SD_DISTILL_CACHE or ~/.cache/sd-distill
     # float16: ~0.13 MB per pair at 512 px with both flips; float32: twice the latents' size.
     cache_dtype: Literal["float16", "float32"] = "float16"
@@ -83,6 +88,10 @@ class DataSpec(_Strict):
 class EMASpec(_Strict):
     enabled: bool = True
     decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.999
+    # diffusers' EMA warm-up: decay = 1 - (1 + step)^-power (capped at `decay`), so a short run's
+    # average follows the weights at once (2/3: for runs of thousands of steps). None: diffusers'
+    # default schedule min(decay, (1 + step) / (10 + step)).
+    warmup_power: Annotated[float, Field(gt=0.0)] | None = None
 
 
 class TrainingSpec(_Strict):
@@ -117,6 +126,10 @@ class TrainingSpec(_Strict):
 
 class StageSpec(_Strict):
     name: str
+    # What the stage trains and how (distill.kinds): "distill" (the student against the target
+    # and a teacher, through its loss blocks) or a registered kind; `options` is its block.
+    kind: str = DEFAULT_KIND
+    options: SerializeAsAny[KindOptions] = KindOptions()
     teacher: str | None = None  # a key of `teachers`; needed by every loss but "task"
     steps: Annotated[int, Field(gt=0)]
     batch_size: Annotated[int, Field(gt=0)]  # per process and per micro-step
@@ -124,9 +137,13 @@ class StageSpec(_Strict):
     lr: Annotated[float, Field(gt=0.0)]
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: Annotated[int, Field(ge=0)] = 0
+    ema: EMASpec | None = None  # None: the run's `training.ema`
+    # Steps at which the stage's network (its EMA weights, as at the stage's end) is also saved,
+    # as RUN/stages/NN-name/stepNNNNNNN/<component>.
+    save_at: list[Annotated[int, Field(gt=0)]] = []
     # Loss name -> its block: weight, optional layer_pairs, and the loss's own options, each block
-    # validated by that loss's schema (`distill.losses`).
-    losses: dict[str, SerializeAsAny[LossOptions]] = {"task": LossOptions()}
+    # validated by that loss's schema (`distill.losses`), for kinds that take loss blocks.
+    losses: dict[str, SerializeAsAny[LossOptions]] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -135,10 +152,42 @@ class StageSpec(_Strict):
             raise ValueError(old_loss_keys_message(raw))
         return raw
 
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, name: str) -> str:
+        stage_kind(name)
+        return name
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _kind_options(cls, options: Any, info: ValidationInfo) -> KindOptions:
+        if "kind" not in info.data:  # the kind itself was refused
+            return KindOptions()
+        return validate_kind_options(info.data["kind"], options)
+
     @field_validator("losses", mode="before")
     @classmethod
-    def _loss_blocks(cls, blocks: Any) -> dict[str, LossOptions]:
-        return validate_loss_blocks(blocks)
+    def _loss_blocks(cls, blocks: Any) -> dict[str, LossOptions] | None:
+        return None if blocks is None else validate_loss_blocks(blocks)
+
+    @model_validator(mode="after")
+    def _kind_fits(self) -> StageSpec:
+        kind = stage_kind(self.kind)
+        if self.losses is not None and not kind.takes_losses:
+            raise ValueError(f"losses: stage kind {self.kind!r} takes no loss blocks")
+        if self.teacher is not None and not kind.uses_teacher:
+            raise ValueError(f"teacher: stage kind {self.kind!r} trains without a teacher")
+        if any(step > self.steps for step in self.save_at):
+            raise ValueError(f"save_at: every step must be at most steps ({self.steps})")
+        return self
+
+    @property
+    def loss_blocks(self) -> dict[str, LossOptions]:
+        """The loss blocks in effect: the recipe's, or the task loss alone when the kind takes
+        loss blocks and the stage gives none."""
+        if self.losses is not None:
+            return dict(self.losses)
+        return {"task": LossOptions()} if stage_kind(self.kind).takes_losses else {}
 
 
 # Before loss blocks, a stage had one weight per loss and one set of layer pairs for all of them.
@@ -180,7 +229,7 @@ class Recipe(_Strict):
         for i, stage in enumerate(self.stages):
             if stage.teacher is not None and stage.teacher not in self.teachers:
                 raise ValueError(f"stages.{i}.teacher {stage.teacher!r} is not in teachers")
-            if stage.teacher is None and reads_teacher(stage.losses):
+            if stage.teacher is None and reads_teacher(stage.loss_blocks):
                 raise ValueError(
                     f"stages.{i} ({stage.name}) has losses that read a teacher, but no teacher"
                 )

@@ -1,29 +1,38 @@
-"""Stage construction: everything one stage trains with, built from the recipe.
+"""Stage construction: everything one stage trains with, built from the run plan.
 
-`StageBuilder.build(index, checkpoint)` returns a `StageContext`: the stage teacher (frozen), the
-latent cache its VAE and text encoder built, the student (stage 1: initialized from the init
-teacher; later stages: the previous stage's final student), the optimizer, LR schedule, EMA and
-losses, all restored from `checkpoint` when resuming. The trainer only loops over it.
+`StageBuilder.build(index, checkpoint)` returns a frozen `Stage`:
+
+- its kind (`distill.kinds`), built from plain values: it opens its rows (the latent cache, or
+  the images), owns its losses, taps and extra networks;
+- the stage's pipeline: its teacher's, or without a teacher the init teacher's with the parts
+  that earlier stages of this run trained (a VAE) in their place;
+- the frozen teacher (when the stage names one);
+- the trained network: the output of the latest earlier stage that trained the same part, else
+  a new student from the init teacher's UNet (`students.build_student`) or a copy of its part;
+- the optimizer, LR schedule and EMA, restored from `checkpoint` when resuming;
+- the stream of this process's micro-batches from the stage's first step to run.
+
+The trainer only loops over it, keeping what changes in its own loop state.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import ModelMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from core.errors import UserInputError
-from core.families import Conditioning
 from core.paths import default_cache_root
 from distill.checkpoint import Checkpoint, restore_training_checkpoint
 from distill.data import (
@@ -34,12 +43,14 @@ from distill.data import (
     streaming_fingerprint,
 )
 from distill.data.build import ProcessLayout
+from distill.data.images import ImageRows
 from distill.data.loader import MicroBatches, micro_batches
 from distill.distributed_state import full_tensors, student_state
-from distill.losses import Loss, build_losses
+from distill.kinds import StageKind, StageRows, StageSetup
+from distill.plan import RunPlan, StagePlan
 from distill.precision import Precision
-from distill.provenance import RunProvenance, teacher_fingerprint
-from distill.recipe import DataSpec, Recipe, StageSpec, TrainingSpec
+from distill.provenance import RunProvenance
+from distill.recipe import DataSpec, EMASpec, TrainingSpec
 from distill.run_folder import RunFolder
 from distill.step_randomness import EpochOrder
 from distill.taps import unwrap_model
@@ -49,164 +60,185 @@ from distill.teacher import (
     check_compatible,
     load_pipeline_components,
 )
-from distill.validation import save_validation_grid
 from students import build_student
 
 
-@dataclass
-class StageContext:
-    """Everything one stage trains with; rebuilt at each stage start."""
+@dataclass(frozen=True)
+class Stage:
+    """What one stage trains with; built at the stage's start, never changed by the loop."""
 
-    index: int
-    spec: StageSpec
-    components: PipelineComponents  # VAE / text encoder / scheduler that built the cache
-    teacher: FrozenTeacher | None
-    cache: LatentCache
-    conditioning: Conditioning  # a batch's cached fields -> the UNet's conditioning inputs
-    order: EpochOrder
-    noise_scheduler: DDPMScheduler
-    student: torch.nn.Module  # prepared (possibly wrapped) student
+    plan: StagePlan
+    kind: StageKind
+    model: torch.nn.Module  # the prepared (possibly wrapped) trained network
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: EMAModel | None
-    losses: list[Loss]
-    start_step: int = 0
-    nonfinite_skipped: int = 0
-    consecutive_nonfinite: int = 0
-    last_terms: dict[str, float] = field(default_factory=dict)
-    last_total: float | None = None
-    grad_norm: float = float("nan")
-    batches: Iterator[dict[str, Any]] = iter(())  # this process's micro-batches from start_step
-    data_wait_s: float = 0.0  # time the last optimizer step waited for its data
+    start_step: int  # optimizer steps already done (resumed), 0 for a fresh stage
+    nonfinite_skipped: int  # steps skipped before the resume point
+    batches: Iterator[dict[str, Any]]  # this process's micro-batches from `start_step`
+
+    @property
+    def index(self) -> int:
+        return self.plan.index
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
 
 
 class StageBuilder:
-    """Builds each stage's context from the recipe. Keeps only the latest teacher pipeline: at SD
-    scale each holds a UNet of ~860M parameters, and a stage needs only its own."""
+    """Builds each stage from the plan. Keeps only the latest pipeline loaded: at SD scale each
+    holds a UNet of ~860M parameters, and a stage needs only its own."""
 
     def __init__(
-        self,
-        recipe: Recipe,
-        accelerator: Accelerator,
-        folder: RunFolder,
-        *,
-        progress: bool = True,
+        self, plan: RunPlan, accelerator: Accelerator, folder: RunFolder, *, progress: bool = True
     ) -> None:
-        self.recipe = recipe
+        self.plan = plan
         self.accelerator = accelerator
         self.folder = folder
         self.progress = progress
-        self.run_dir = Path(recipe.output_dir)
-        self.precision = Precision.of(recipe.training.mixed_precision, recipe.training.dtype)
-        self._components: dict[str, PipelineComponents] = {}
-        self.provenance = RunProvenance(self.run_dir)
+        training = plan.recipe.training
+        self.training = training
+        self.precision = Precision.of(training.mixed_precision, training.dtype)
+        self._loaded: dict[tuple, PipelineComponents] = {}
+        self.provenance = RunProvenance(folder.root)
 
-    def components(self, key: str) -> PipelineComponents:
-        """The pipeline behind teacher `key`, loaded once while it is the latest one asked for."""
-        if key not in self._components:
+    # ------------------------------------------------------------------ pipelines and networks
+
+    def pipeline(self, key: str, before: int | None = None) -> PipelineComponents:
+        """Teacher `key`'s pipeline; for the init teacher, with the parts (other than the UNet)
+        that the stages before `before` trained in place of its own. Loaded once while it is
+        the latest one asked for."""
+        parts = {}
+        if key == self.plan.init.key and before is not None:
+            parts = {
+                part: folder
+                for part, folder in self.folder.trained_parts(before).items()
+                if part != "unet"
+            }
+        cache_key = (key, tuple(sorted((k, str(v)) for k, v in parts.items())))
+        if cache_key not in self._loaded:
             # A reference run holds the VAE and text encoders in float64 too (cache and step).
             dtype = self.precision.weights if self.precision.is_reference else None
-            self._components = {key: load_pipeline_components(self.recipe.teachers[key], dtype)}
-        return self._components[key]
+            components = load_pipeline_components(self.plan.teachers[key].reference, dtype)
+            trained = {part: self.load_part(part, folder) for part, folder in parts.items()}
+            self._loaded = {cache_key: components.with_parts(trained)}
+        return self._loaded[cache_key]
 
-    def source_key(self, index: int) -> str:
-        """The teacher whose UNet (if any), VAE and text encoder stage `index` uses."""
-        return self.recipe.stages[index].teacher or self.recipe.student.init_from
+    def stage_pipeline(self, index: int) -> PipelineComponents:
+        return self.pipeline(self.plan.stages[index].source.key, before=index)
+
+    def load_part(self, component: str, folder: Path) -> ModelMixin:
+        model_class = next(
+            s.kind.model_class for s in self.plan.stages if s.kind.component == component
+        )
+        return model_class.from_pretrained(
+            folder, use_safetensors=True, dtype=self.precision.weights
+        )
+
+    def initial_model(self, stage: StagePlan) -> ModelMixin:
+        """What the stage starts from: the latest earlier output of its part; else for the UNet a
+        student built from the init teacher's (its init report written), for another part a copy
+        of the init pipeline's."""
+        component, dtype = stage.kind.component, self.precision.weights
+        previous = self.folder.trained_parts(stage.index).get(component)
+        if previous is not None:
+            return stage.kind.model_class.from_pretrained(
+                previous, use_safetensors=True, dtype=dtype
+            )
+        init = self.pipeline(self.plan.init.key)
+        if component != "unet":
+            return copy.deepcopy(getattr(init.pipeline, component)).to(dtype)
+        student, report = build_student(init.unet, self.plan.variant)
+        if self.accelerator.is_main_process:
+            text = json.dumps(report.to_dict(), indent=2)
+            (self.folder.root / "init_report.json").write_text(text)
+        return student.to(dtype)
 
     def check_unchanged_teacher(self, index: int) -> None:
         """Before resuming stage `index` mid-way: its teacher is the one it started with."""
-        source = self.recipe.teachers[self.source_key(index)]
-        self.provenance.check(
-            index, self.recipe.stages[index].name, teacher_fingerprint=teacher_fingerprint(source)
-        )
+        stage = self.plan.stages[index]
+        self.provenance.check(index, stage.name, teacher_fingerprint=stage.source.fingerprint)
 
-    def build(self, index: int, checkpoint: Checkpoint | None) -> StageContext:
-        recipe, spec, accelerator = self.recipe, self.recipe.stages[index], self.accelerator
-        student = self.initial_student(index)
-        components = self.components(self.source_key(index))
+    # ------------------------------------------------------------------ the stage
+
+    def build(self, index: int, checkpoint: Checkpoint | None) -> Stage:
+        stage, accelerator = self.plan.stages[index], self.accelerator
+        model = self.initial_model(stage)
+        components = self.stage_pipeline(index)
         teacher = None
-        if spec.teacher is not None:
-            check_compatible(student, components.unet, spec.teacher)
+        if stage.teacher is not None:
+            check_compatible(model, components.unet, stage.teacher.key)
             teacher = FrozenTeacher(components.unet, self.precision.compute).to(accelerator.device)
-        losses = build_losses(spec.losses, student.config, components.unet.config)
-        check_key = None
-        if checkpoint is not None:  # a resumed stage must train on the data it started with
-            check_key = lambda key: self.provenance.check(index, spec.name, cache_key=key)  # noqa: E731
-        cache = open_cache(
-            recipe.data,
-            components,
-            accelerator,
-            seed=recipe.seed,
-            progress=self.progress,
-            check_key=check_key,
+        kind = stage.kind(
+            StageSetup(
+                index=index,
+                name=stage.name,
+                teacher_key=stage.teacher.key if stage.teacher is not None else None,
+                seed=self.plan.recipe.seed,
+                options=stage.options,
+                losses=stage.losses,
+                components=components,
+                teacher=teacher,
+                data=_StageData(self, index, components, resumed=checkpoint is not None),
+                device=accelerator.device,
+                precision=self.precision,
+                uncond_prob=self.training.uncond_prob,
+            )
         )
         if accelerator.is_main_process:
             self.provenance.record(
                 index,
-                teacher=self.source_key(index),
-                teacher_fingerprint=teacher_fingerprint(recipe.teachers[self.source_key(index)]),
-                cache_key=cache.meta["key"],
+                teacher=stage.source.key,
+                teacher_fingerprint=stage.source.fingerprint,
+                cache_key=kind.rows.key,
             )
-        if recipe.training.gradient_checkpointing:
-            student.enable_gradient_checkpointing()
-        optimizer = make_optimizer(student, spec.lr, recipe.training)
+        model = kind.prepare(model)
+        if self.training.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+            model.enable_gradient_checkpointing()
+        spec = stage.spec
+        optimizer = make_optimizer(model, spec.lr, self.training)
         lr_scheduler = get_scheduler(
             spec.lr_schedule if spec.lr_schedule != "constant" else "constant_with_warmup",
             optimizer=optimizer,
             num_warmup_steps=spec.warmup_steps,
             num_training_steps=spec.steps,
         )
-        student, optimizer = accelerator.prepare(student, optimizer)
-        ema = None
-        if recipe.training.ema.enabled:  # from the prepared parameters: sharded under FSDP
-            ema = EMAModel(
-                unwrap_model(student).parameters(),
-                decay=recipe.training.ema.decay,
-                model_cls=UNet2DConditionModel,
-                model_config=unwrap_model(student).config,
-            )
-            ema.to(accelerator.device)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        ema = make_ema(model, stage.ema, stage.kind.model_class, accelerator.device)
+        kind.start(model)
         start_step, nonfinite = 0, 0
         if checkpoint is not None:
             restore_training_checkpoint(
                 checkpoint,
                 accelerator=accelerator,
-                student=student,
+                student=model,
                 optimizer=optimizer,
                 lr_scheduler=lr_scheduler,
                 ema=ema,
             )
+            kind.load_state_dict(checkpoint.load_kind_state())
             start_step, nonfinite = checkpoint.state.step, checkpoint.state.nonfinite_skipped
-        for loss in losses:
-            loss.to(accelerator.device)
-        order = EpochOrder(len(cache), recipe.seed, index)
         accumulation = spec.gradient_accumulation
         stream = MicroBatches(
-            cache,
-            order,
+            kind.rows,
+            EpochOrder(len(kind.rows), self.plan.recipe.seed, index),
             batch_size=spec.batch_size,
             world_size=accelerator.num_processes,
             rank=accelerator.process_index,
             first=start_step * accumulation,
             count=(spec.steps - start_step) * accumulation,
         )
-        workers = recipe.training.data_workers
+        workers = self.training.data_workers
         if workers is None:
             workers = min(4, max(0, (os.cpu_count() or 1) - 1))
-        return StageContext(
-            index=index,
-            spec=spec,
-            components=components,
-            teacher=teacher,
-            cache=cache,
-            conditioning=components.conditioning(encoders=True, device=accelerator.device),
-            order=order,
-            noise_scheduler=components.training_scheduler(),
-            student=student,
+        return Stage(
+            plan=stage,
+            kind=kind,
+            model=model,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             ema=ema,
-            losses=losses,
             start_step=start_step,
             nonfinite_skipped=nonfinite,
             batches=micro_batches(
@@ -214,21 +246,38 @@ class StageBuilder:
             ),
         )
 
-    def initial_student(self, index: int) -> UNet2DConditionModel:
-        """Stage 1 builds the student from the init teacher; later stages continue from the
-        previous stage's final student (its EMA weights when EMA is on)."""
-        if index > 0:
-            previous = self.folder.stage_unet(index - 1)
-            if not previous.is_dir():
-                raise UserInputError(f"stage {index + 1} needs the previous stage's {previous}")
-            return UNet2DConditionModel.from_pretrained(
-                previous, use_safetensors=True, dtype=self.precision.weights
-            )
-        init = self.components(self.recipe.student.init_from)
-        student, report = build_student(init.unet, self.recipe.student.shape())
-        if self.accelerator.is_main_process:
-            (self.run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        return student.to(self.precision.weights)
+
+class _StageData:
+    """The recipe's data for one stage, opened the way its kind reads it (`StageData`)."""
+
+    def __init__(
+        self, builder: StageBuilder, index: int, components: PipelineComponents, resumed: bool
+    ) -> None:
+        self.builder, self.index, self.components = builder, index, components
+        # A resumed stage must train on the data it started with: its key is checked before
+        # anything is encoded.
+        self.check_key = None
+        if resumed:
+            name = builder.plan.stages[index].name
+            self.check_key = lambda key: builder.provenance.check(index, name, cache_key=key)  # noqa: E731
+
+    def latents(self) -> StageRows:
+        builder = self.builder
+        return open_cache(
+            builder.plan.recipe.data,
+            self.components,
+            builder.accelerator,
+            seed=builder.plan.recipe.seed,
+            progress=builder.progress,
+            check_key=self.check_key,
+        )
+
+    def images(self) -> StageRows:
+        data = self.builder.plan.recipe.data
+        rows = ImageRows(_dataset(data), preprocess_spec(data), seed=self.builder.plan.recipe.seed)
+        if self.check_key is not None:
+            self.check_key(rows.key)
+        return rows
 
 
 def training_accelerator(training: TrainingSpec, logs: Path) -> Accelerator:
@@ -244,6 +293,15 @@ def training_accelerator(training: TrainingSpec, logs: Path) -> Accelerator:
     return accelerator
 
 
+def preprocess_spec(data: DataSpec) -> PreprocessSpec:
+    return PreprocessSpec(data.resolution, data.center_crop, data.random_flip, data.size_ids)
+
+
+def _dataset(data: DataSpec):
+    rows = {"image_column", "text_column", "split", "streaming", "max_samples"}
+    return load_image_text_dataset(data.source, **data.model_dump(include=rows))
+
+
 def open_cache(
     data: DataSpec,
     components: PipelineComponents,
@@ -253,10 +311,8 @@ def open_cache(
     progress: bool,
     check_key: Callable[[str], None] | None = None,
 ) -> LatentCache:
-    """The latent cache of `data` under the stage teacher's VAE and tokenizer, built once by all
+    """The latent cache of `data` under the stage pipeline's VAE and tokenizer, built once by all
     processes together; `check_key(key)` runs before anything is encoded."""
-    rows = {"image_column", "text_column", "split", "streaming", "max_samples"}
-    dataset = load_image_text_dataset(data.source, **data.model_dump(include=rows))
     fingerprint = None
     if data.streaming:
         fingerprint = streaming_fingerprint(
@@ -266,11 +322,11 @@ def open_cache(
     if workers is None:
         workers = min(8, max(0, (os.cpu_count() or 1) - 1))
     return build_latent_cache(
-        dataset,
+        _dataset(data),
         dataset_fingerprint=fingerprint,
         vae=components.vae,
         conditioning=components.conditioning(encoders=False),
-        preprocess=PreprocessSpec(data.resolution, data.center_crop, data.random_flip),
+        preprocess=preprocess_spec(data),
         cache_root=Path(data.cache_dir) if data.cache_dir else default_cache_root(),
         batch_size=data.encode_batch_size,
         device=accelerator.device,
@@ -288,7 +344,7 @@ def open_cache(
 
 
 def make_optimizer(
-    student: torch.nn.Module, lr: float, training: TrainingSpec
+    model: torch.nn.Module, lr: float, training: TrainingSpec
 ) -> torch.optim.Optimizer:
     kwargs = dict(lr=lr, betas=training.adam_betas, weight_decay=training.weight_decay)
     if training.optimizer == "adamw8bit":
@@ -298,52 +354,51 @@ def make_optimizer(
             raise UserInputError(
                 "training.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes"
             ) from None
-        return bnb.optim.AdamW8bit(student.parameters(), **kwargs)
+        return bnb.optim.AdamW8bit(model.parameters(), **kwargs)
     # fused: one kernel for all tensors; measured on this CPU at SD scale, the optimizer phase
     # of a step went from 2.59 s to 0.70 s (benchmarks/sd_step.py --unfused-adamw).
-    return torch.optim.AdamW(student.parameters(), fused=True, **kwargs)
+    return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
 
 
-def final_student(ctx: StageContext, accelerator: Accelerator) -> UNet2DConditionModel | None:
-    """The stage's result: a whole copy of the student with the EMA weights when EMA is on.
+def make_ema(
+    model: torch.nn.Module,
+    spec: EMASpec,
+    model_class: type[ModelMixin],
+    device: torch.device,
+) -> EMAModel | None:
+    """The EMA of the prepared network's parameters (sharded under FSDP, like them)."""
+    if not spec.enabled:
+        return None
+    warmup = {}
+    if spec.warmup_power is not None:
+        warmup = {"use_ema_warmup": True, "power": spec.warmup_power}
+    ema = EMAModel(
+        unwrap_model(model).parameters(),
+        decay=spec.decay,
+        model_cls=model_class,
+        model_config=unwrap_model(model).config,
+        **warmup,
+    )
+    ema.to(device)
+    return ema
 
-    Collective (an FSDP student is gathered): every process calls it; the main process gets the
+
+def final_model(stage: Stage, accelerator: Accelerator, finish: bool = True) -> ModelMixin | None:
+    """The stage's result: a whole copy of its network with the EMA weights when EMA is on,
+    passed through the kind's `finish` (unless `finish` is False: a grid during the stage).
+
+    Collective (an FSDP network is gathered): every process calls it; the main process gets the
     model, the others None.
     """
-    state = student_state(accelerator, ctx.student)
-    shadows = full_tensors(ctx.ema.shadow_params) if ctx.ema is not None else None
+    state = student_state(accelerator, stage.model)
+    shadows = full_tensors(stage.ema.shadow_params) if stage.ema is not None else None
     if not accelerator.is_main_process:
         return None
-    trained = unwrap_model(ctx.student)
-    final = UNet2DConditionModel.from_config(trained.config).to(trained.dtype)
+    trained = unwrap_model(stage.model)
+    final = stage.kind.model_class.from_config(trained.config).to(trained.dtype)
     final.load_state_dict(state)
     if shadows is not None:  # EMAModel.copy_to: shadow i -> parameter i, in parameter order
         with torch.no_grad():
             for parameter, shadow in zip(final.parameters(), shadows, strict=True):
                 parameter.copy_(shadow.to(parameter.device, parameter.dtype))
-    return final.eval()
-
-
-def save_stage_grid(
-    ctx: StageContext,
-    student: UNet2DConditionModel,
-    accelerator: Accelerator,
-    training: TrainingSpec,
-    seed: int,
-    path: Path,
-) -> Path:
-    """A sample grid: the stage teacher's row above the student's, same prompts and seeds."""
-    rows = {}
-    if ctx.teacher is not None:
-        rows[f"teacher {ctx.spec.teacher}"] = ctx.components.with_unet(ctx.teacher.unet)
-    rows["student"] = ctx.components.with_unet(student)
-    with accelerator.autocast():  # a bf16 teacher beside fp32 VAE and text encoder
-        return save_validation_grid(
-            rows,
-            training.validation_prompts,
-            path,
-            seed=seed,
-            num_inference_steps=training.validation_steps,
-            guidance_scale=training.validation_guidance,
-            device=accelerator.device,
-        )
+    return stage.kind.finish(final.eval()) if finish else final.eval()

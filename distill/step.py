@@ -5,8 +5,9 @@ Pure functions in k-diffusion's style, shared by the trainer, the SD-scale bench
     noise_batch(...)          cached posterior + conditioning + per-sample generators -> NoisyBatch
     distillation_losses(...)  student (and frozen teacher) on a NoisyBatch -> (total, raw terms)
 
-`distillation_losses` never names a loss: it taps what the losses ask for, runs both models once,
-freezes the result into a `StepOutputs` record and lets every loss read what it needs.
+`distillation_losses` never names a loss: it reads the features the losses ask for from the
+stage's `StepTaps` (hooks registered once per stage), runs both models once, freezes the result
+into a `StepOutputs` record and lets every loss read what it needs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class NoisyBatch:
     timesteps: Tensor  # (B,) integer steps
     conditioning: dict[str, Tensor]  # the UNet's keyword inputs, e.g. encoder_hidden_states
     target: Tensor  # (B, C, h, w) ε or v, per the scheduler's prediction type
+    snr: Tensor  # (B,) signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) at each sample's timestep
+    prediction_type: str = "epsilon"
 
 
 def noise_batch(
@@ -78,14 +81,51 @@ def noise_batch(
 
     latents, noise, timesteps = (t.to(device) for t in (latents, noise, timesteps))
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = task_target(
-        scheduler.config.prediction_type,
-        latents,
-        noise,
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    prediction_type = scheduler.config.prediction_type
+    target = task_target(prediction_type, latents, noise, timesteps, alphas_cumprod)
+    alpha_bar = alphas_cumprod[timesteps].to(dtype)  # (B,)
+    return NoisyBatch(
+        noisy,
         timesteps,
-        scheduler.alphas_cumprod.to(device),
+        {k: v.to(device) for k, v in inputs.items()},
+        target,
+        snr=alpha_bar / (1 - alpha_bar),
+        prediction_type=prediction_type,
     )
-    return NoisyBatch(noisy, timesteps, {k: v.to(device) for k, v in inputs.items()}, target)
+
+
+class StepTaps:
+    """The feature taps a set of losses reads, on the student and the frozen teacher: registered
+    once for a stage (entered), cleared around every step, removed on exit. Registering hooks
+    per step would make a compiled step recompile."""
+
+    def __init__(
+        self, student: nn.Module, teacher: FrozenTeacher | None, losses: Sequence[Loss]
+    ) -> None:
+        student_paths = [path for loss in losses for path in loss.tapped_paths()[0]]
+        teacher_paths = [path for loss in losses for path in loss.tapped_paths()[1]]
+        self.student = FeatureTaps(student, student_paths)
+        self.teacher = None
+        if teacher is not None and any(loss.reads_teacher for loss in losses):
+            self.teacher = FeatureTaps(teacher.unet, teacher_paths, detach=True)
+        self._stack = ExitStack()
+
+    def __enter__(self) -> StepTaps:
+        for taps in (self.student, self.teacher):
+            if taps is not None:
+                self._stack.enter_context(taps)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
+        self._stack.close()
+
+    def clear(self) -> None:
+        """Drop the captured features (and with them references into the last step's graph)."""
+        for taps in (self.student, self.teacher):
+            if taps is not None:
+                taps.clear()
 
 
 def distillation_losses(
@@ -93,32 +133,36 @@ def distillation_losses(
     teacher: FrozenTeacher | None,
     batch: NoisyBatch,
     losses: Sequence[Loss],
+    taps: StepTaps | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(weighted total, raw terms) of `losses` on one batch. Run it under the run's autocast; the
-    teacher is frozen and runs only when a loss reads it."""
-    student_paths = [path for loss in losses for path in loss.tapped_paths()[0]]
-    teacher_paths = [path for loss in losses for path in loss.tapped_paths()[1]]
+    teacher is frozen and runs only when a loss reads it. `taps`: the stage's registered taps
+    (`StepTaps` over these models and losses); None registers them for this call only."""
     reads_teacher = any(loss.reads_teacher for loss in losses)
     if teacher is None and reads_teacher:
         raise ValueError("these losses read a teacher, and the stage has none")
-    teacher_features: Mapping[str, Tensor] = {}
-    with ExitStack() as stack:
-        student_taps = stack.enter_context(FeatureTaps(student, student_paths))
+    if taps is None:
+        with StepTaps(student, teacher, losses) as own:
+            return distillation_losses(student, teacher, batch, losses, own)
+    taps.clear()
+    try:
         student_pred = student(batch.noisy, batch.timesteps, **batch.conditioning).sample
         teacher_pred = None
         if teacher is not None and reads_teacher:
-            taps = stack.enter_context(FeatureTaps(teacher.unet, teacher_paths, detach=True))
             teacher_pred = teacher(batch.noisy, batch.timesteps, **batch.conditioning)
-            teacher_features = taps.features
-    outputs = StepOutputs(
-        student_pred=at_least_fp32(student_pred),
-        target=at_least_fp32(batch.target),
-        teacher_pred=at_least_fp32(teacher_pred) if teacher_pred is not None else None,
-        student_features=student_taps.features,
-        teacher_features=teacher_features,
-        timesteps=batch.timesteps,
-    )
-    terms: dict[str, Tensor] = {}
-    for loss in losses:
-        terms |= loss(outputs)
-    return weighted_total(terms, losses), terms
+        outputs = StepOutputs(
+            student_pred=at_least_fp32(student_pred),
+            target=at_least_fp32(batch.target),
+            teacher_pred=at_least_fp32(teacher_pred) if teacher_pred is not None else None,
+            student_features=dict(taps.student.features),
+            teacher_features=dict(taps.teacher.features) if taps.teacher is not None else {},
+            timesteps=batch.timesteps,
+            snr=batch.snr,
+            prediction_type=batch.prediction_type,
+        )
+        terms: dict[str, Tensor] = {}
+        for loss in losses:
+            terms |= loss(outputs)
+        return weighted_total(terms, losses), terms
+    finally:
+        taps.clear()

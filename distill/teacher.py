@@ -8,7 +8,8 @@ under `torch.no_grad()`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -51,6 +52,12 @@ class PipelineComponents:
     def with_unet(self, unet: UNet2DConditionModel) -> DiffusionPipeline:
         """This pipeline around another UNet (the student, or the frozen teacher's)."""
         return self.family.with_unet(self.pipeline, unet)
+
+    def with_parts(self, parts: Mapping[str, Any]) -> PipelineComponents:
+        """These components with `parts` (name -> module) in place of their own."""
+        if not parts:
+            return self
+        return replace(self, pipeline=self.family.with_parts(self.pipeline, parts))
 
 
 def load_pipeline_components(source: str, dtype: torch.dtype | None = None) -> PipelineComponents:

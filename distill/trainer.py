@@ -1,29 +1,34 @@
-"""The distillation trainer: a recipe's stages, one after another, on accelerate.
+"""The trainer: a recipe's stages, one after another, on accelerate; the one loop of the project.
 
-One code path for CPU, one GPU, many GPUs and many nodes (`accelerate launch`; DDP, FSDP or
-DeepSpeed per accelerate's config). `train()` reads top to bottom:
+One code path for CPU, one GPU, many GPUs and many nodes (`accelerate launch`; DDP or FSDP per
+accelerate's config), and for every stage kind: the offline world's VAE and teacher UNet train
+through it as the students do. `train()` reads top to bottom:
 
-    check every stage's losses on meta-device models (before anything is written)
+    plan the run        (distill.plan: teachers resolved and fingerprinted, losses built and
+                         shape-checked, before anything is written)
     for each stage from the resume point:
-        build the stage   (distill.stage: teacher, cache, student, optimizer, EMA, losses)
-        for each step:    loss step (micro-batches) -> clip -> optimizer -> EMA -> log/ckpt/grid
-        finish the stage  (final checkpoint, the stage's student in diffusers format)
-    save the final student pipeline
+        build the stage (distill.stage: its kind, pipeline, teacher, network, optimizer, EMA)
+        for each step:  micro-batches through the kind's loss -> guard -> optimizer -> EMA
+                        -> the kind's after_update -> log / checkpoint / snapshot / grid
+        finish it       (final checkpoint, the stage's network in diffusers format)
+    save the final pipeline (every part the run trained, sampled as the last stage's kind)
 
-Only the main process writes (caches, checkpoints, students, grids, logs).
+Only the main process writes (caches, checkpoints, networks, grids, logs). What changes during a
+stage lives in the trainer's `LoopState`; the `Stage` itself is frozen.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from diffusers import UNet2DConditionModel
+from diffusers import ModelMixin
 from tqdm.auto import tqdm
 
 from distill.checkpoint import (
@@ -33,20 +38,13 @@ from distill.checkpoint import (
     plan_resume,
     save_training_checkpoint,
 )
+from distill.kinds import ValidationSettings
+from distill.plan import plan_run
 from distill.precision import at_least_fp32
-from distill.preflight import check_recipe_losses
 from distill.recipe import Recipe
 from distill.run_folder import RunFolder
 from distill.run_log import RunLog
-from distill.stage import (
-    StageBuilder,
-    StageContext,
-    final_student,
-    save_stage_grid,
-    training_accelerator,
-)
-from distill.step import distillation_losses, noise_batch
-from distill.step_randomness import sample_generator
+from distill.stage import Stage, StageBuilder, final_model, training_accelerator
 from distill.taps import unwrap_model
 from distill.update import guarded_update, scaler_is_calibrating
 
@@ -58,6 +56,19 @@ def due(step: int, every: int, last: int) -> bool:
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""
+
+
+@dataclass
+class LoopState:
+    """What changes while one stage trains (the trainer's, not the stage's)."""
+
+    step: int  # optimizer steps done in this stage
+    nonfinite_skipped: int
+    consecutive_nonfinite: int = 0
+    terms: dict[str, float] = field(default_factory=dict)  # last step's, means over processes
+    total: float | None = None
+    grad_norm: float = math.nan
+    data_wait_s: float = 0.0  # time the last optimizer step waited for its data
 
 
 class DistillationTrainer:
@@ -78,15 +89,16 @@ class DistillationTrainer:
         interruption would (used to test resumption).
         """
         self.recipe = recipe
+        self.plan = plan_run(recipe)  # every check that needs no weights, before any write
         self.run_dir = Path(recipe.output_dir)
-        self.folder = RunFolder(self.run_dir, [stage.name for stage in recipe.stages])
+        self.folder = RunFolder(self.run_dir, [s.name for s in recipe.stages], self.plan.components)
         self.resume = resume
         self.progress = progress
         self.stop_after_steps = stop_after_steps
         self.restart_stage = restart_stage
         self._owns_accelerator = accelerator is None
         self.accelerator = accelerator or training_accelerator(recipe.training, self.folder.logs)
-        self.stages = StageBuilder(recipe, self.accelerator, self.folder, progress=progress)
+        self.stages = StageBuilder(self.plan, self.accelerator, self.folder, progress=progress)
         self.log = RunLog(
             self.accelerator, self.folder.metrics_log, [s.steps for s in recipe.stages]
         )
@@ -97,9 +109,8 @@ class DistillationTrainer:
         return self.folder.checkpoints
 
     def setup(self) -> ResumePlan:
-        """Check the losses and what a resumed stage trains from, create the run folder (main
-        process), and plan where the run starts."""
-        check_recipe_losses(self.recipe)
+        """Plan where the run starts, check what a resumed stage trains from, create the run
+        folder (main process)."""
         plan = plan_resume(
             self.checkpoint_dir,
             [stage.steps for stage in self.recipe.stages],
@@ -136,180 +147,194 @@ class DistillationTrainer:
         try:
             for index in range(plan.first_stage, len(self.recipe.stages)):
                 resume_from = plan.checkpoint if index == plan.first_stage else None
-                context = self.stages.build(index, resume_from)
-                if not self._train_stage(context):
-                    return None
-                self._finish_stage(context)
+                stage = self.stages.build(index, resume_from)
+                try:
+                    state = self._train_stage(stage)
+                    if state is None:
+                        return None
+                    self._finish_stage(stage, state)
+                finally:
+                    stage.kind.close()
             return self._save_final_pipeline()
         finally:
             self.cleanup()
 
-    def _train_stage(self, ctx: StageContext) -> bool:
-        """The stage's steps from its start; False when `stop_after_steps` interrupted it."""
-        spec, training = ctx.spec, self.recipe.training
+    def _train_stage(self, stage: Stage) -> LoopState | None:
+        """The stage's steps from its start; None when `stop_after_steps` interrupted it."""
+        spec, training = stage.plan.spec, self.recipe.training
+        state = LoopState(step=stage.start_step, nonfinite_skipped=stage.nonfinite_skipped)
         bar = tqdm(
             total=spec.steps,
-            initial=ctx.start_step,
-            desc=f"stage {ctx.index + 1}/{len(self.recipe.stages)} {spec.name}",
+            initial=state.step,
+            desc=f"stage {stage.index + 1}/{len(self.recipe.stages)} {stage.name}",
             disable=not (self.progress and self.accelerator.is_local_main_process),
             dynamic_ncols=True,
         )
         last_time = time.perf_counter()
-        for done in range(ctx.start_step + 1, spec.steps + 1):
-            self._optimizer_step(ctx, done - 1)
+        for done in range(stage.start_step + 1, spec.steps + 1):
+            self._optimizer_step(stage, state)
+            state.step = done
             now = time.perf_counter()
             its, last_time = 1.0 / max(now - last_time, 1e-9), now
             bar.update(1)
             bar.set_postfix(
-                {k: f"{v:.4g}" for k, v in ctx.last_terms.items() if "/" not in k}
+                {k: f"{v:.4g}" for k, v in state.terms.items() if "/" not in k}
                 | {"it/s": f"{its:.2f}"}
             )
             if done % training.log_every == 0 or done == spec.steps:
                 self.log.step(
-                    stage=spec.name,
-                    stage_index=ctx.index,
+                    stage=stage.name,
+                    stage_index=stage.index,
                     step=done,
-                    terms=ctx.last_terms,
-                    total=ctx.last_total,
-                    lr=ctx.lr_scheduler.get_last_lr()[0],
+                    terms=state.terms,
+                    total=state.total,
+                    lr=stage.lr_scheduler.get_last_lr()[0],
                     it_per_s=its,
-                    nonfinite_skipped=ctx.nonfinite_skipped,
-                    grad_norm=ctx.grad_norm,
-                    data_wait_s=ctx.data_wait_s,
+                    nonfinite_skipped=state.nonfinite_skipped,
+                    grad_norm=state.grad_norm,
+                    data_wait_s=state.data_wait_s,
                 )
+            if done in spec.save_at:
+                self._save_snapshot(stage, done)
             if due(done, training.checkpoint_every, spec.steps):
-                self._save_checkpoint(ctx, done)
+                self._save_checkpoint(stage, state)
             if due(done, training.validate_every, spec.steps):
-                self._validate(ctx, done)
+                self._validate(stage, done)
             self._steps_this_process += 1
             if self._steps_this_process == self.stop_after_steps:
                 bar.close()
-                return False
+                return None
         bar.close()
-        return True
+        return state
 
-    def _optimizer_step(self, ctx: StageContext, step: int) -> None:
-        """One optimizer step over `gradient_accumulation` micro-batches. Sets the context's last
+    def _optimizer_step(self, stage: Stage, state: LoopState) -> None:
+        """One optimizer step over `gradient_accumulation` micro-batches. Sets the loop state's
         terms and total (means over micro-batches and processes), or skips the step when the
         loss (on some process) or the gradient was not finite."""
-        accelerator, accumulation = self.accelerator, ctx.spec.gradient_accumulation
-        ctx.student.train()
+        accelerator, accumulation = self.accelerator, stage.plan.spec.gradient_accumulation
+        stage.model.train()
         sums: dict[str, torch.Tensor] = {}
         total_sum = torch.zeros((), device=accelerator.device)
-        ctx.data_wait_s = 0.0
+        state.data_wait_s = 0.0
         for micro in range(accumulation):
             with ExitStack() as stack:
                 if micro < accumulation - 1:
-                    stack.enter_context(accelerator.no_sync(ctx.student))
-                total, terms = self._loss_step(ctx)
+                    stack.enter_context(accelerator.no_sync(stage.model))
+                total, terms = self._loss_step(stage, state)
                 # Every process must agree before backward, or DDP's all-reduce would hang.
                 finite = torch.tensor(
                     [float(torch.isfinite(total).item())], device=accelerator.device
                 )
                 if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
                     for _ in range(accumulation - micro - 1):  # keep the stream on step
-                        next(ctx.batches)
-                    return self._skip_step(ctx, step)
+                        next(stage.batches)
+                    return self._skip_step(stage, state)
                 accelerator.backward(total / accumulation)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + at_least_fp32(value) / accumulation
             total_sum = total_sum + at_least_fp32(total.detach()) / accumulation
-        applied, ctx.grad_norm = guarded_update(
-            accelerator, ctx.student, ctx.optimizer, self.recipe.training.max_grad_norm
+        applied, state.grad_norm = guarded_update(
+            accelerator, stage.model, stage.optimizer, self.recipe.training.max_grad_norm
         )
         if not applied:
-            return self._skip_step(ctx, step, counts=not scaler_is_calibrating(accelerator))
-        ctx.consecutive_nonfinite = 0
-        ctx.lr_scheduler.step()  # the schedule and the EMA advance on applied steps only
-        if ctx.ema is not None:
-            ctx.ema.step(unwrap_model(ctx.student).parameters())
+            return self._skip_step(stage, state, counts=not scaler_is_calibrating(accelerator))
+        state.consecutive_nonfinite = 0
+        stage.lr_scheduler.step()  # the schedule, the EMA and the kind advance on applied steps
+        if stage.ema is not None:
+            stage.ema.step(unwrap_model(stage.model).parameters())
+        stage.kind.after_update(stage.model)
         # Logged values are means over processes, i.e. over the whole global batch.
         names = list(sums)
         stacked = torch.stack([sums[name] for name in names] + [total_sum])
         means = accelerator.reduce(stacked, reduction="mean").tolist()
-        ctx.last_terms, ctx.last_total = dict(zip(names, means[:-1], strict=True)), means[-1]
+        state.terms, state.total = dict(zip(names, means[:-1], strict=True)), means[-1]
 
-    def _skip_step(self, ctx: StageContext, step: int, counts: bool = True) -> None:
+    def _skip_step(self, stage: Stage, state: LoopState, counts: bool = True) -> None:
         """A step whose loss or gradient was NaN/Inf: nothing changed (weights, optimizer, LR
         schedule, EMA); counted, and after `max_consecutive_nonfinite` in a row, the end."""
-        ctx.optimizer.zero_grad(set_to_none=True)
-        ctx.nonfinite_skipped += 1
-        ctx.consecutive_nonfinite += int(counts)
-        if ctx.consecutive_nonfinite >= self.recipe.training.max_consecutive_nonfinite:
+        stage.optimizer.zero_grad(set_to_none=True)
+        state.nonfinite_skipped += 1
+        state.consecutive_nonfinite += int(counts)
+        if state.consecutive_nonfinite >= self.recipe.training.max_consecutive_nonfinite:
             raise TrainingStopped(
-                f"stage {ctx.spec.name!r}: the loss or its gradient was NaN/Inf for "
-                f"{ctx.consecutive_nonfinite} steps in a row at step {step + 1}; stopped. The "
-                f"last good checkpoint in {str(self.checkpoint_dir)!r} is intact (lower the "
-                "learning rate or use bf16 instead of fp16)"
+                f"stage {stage.name!r}: the loss or its gradient was NaN/Inf for "
+                f"{state.consecutive_nonfinite} steps in a row at step {state.step + 1}; "
+                f"stopped. The last good checkpoint in {str(self.checkpoint_dir)!r} is intact "
+                "(lower the learning rate or use bf16 instead of fp16)"
             )
 
-    def _loss_step(self, ctx: StageContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of the next micro-batch: this process's samples, noised, through both models."""
+    def _loss_step(
+        self, stage: Stage, state: LoopState
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The stage kind's loss of the next micro-batch (read ahead by the loader's workers)."""
         waited = time.perf_counter()
-        loaded = next(ctx.batches)  # read ahead by the loader's workers
-        ctx.data_wait_s += time.perf_counter() - waited
-        batch = noise_batch(
-            loaded["latent_mean"],
-            loaded["latent_std"],
-            loaded["conditioning"],
-            ctx.cache.empty_conditioning,
-            [sample_generator(self.recipe.seed, ctx.index, int(p)) for p in loaded["positions"]],
-            scheduler=ctx.noise_scheduler,
-            scaling_factor=ctx.cache.scaling_factor,
-            shift_factor=ctx.cache.shift_factor,
-            uncond_prob=self.recipe.training.uncond_prob,
-            device=self.accelerator.device,
-            dtype=self.stages.precision.weights,
-        )
-        batch = replace(batch, conditioning=ctx.conditioning.encode(batch.conditioning))
+        batch = next(stage.batches)
+        state.data_wait_s += time.perf_counter() - waited
         with self.accelerator.autocast():
-            total, terms = distillation_losses(ctx.student, ctx.teacher, batch, ctx.losses)
+            total, terms = stage.kind.loss_step(stage.model, batch)
         return total, {name: term.detach() for name, term in terms.items()}
 
-    def _save_checkpoint(self, ctx: StageContext, step: int) -> None:
+    def _save_checkpoint(self, stage: Stage, state: LoopState) -> None:
         self.accelerator.wait_for_everyone()
-        try:  # every process: an FSDP student is gathered from all of them
+        try:  # every process: an FSDP network is gathered from all of them
             save_training_checkpoint(
                 self.checkpoint_dir,
-                TrainingState(ctx.index, ctx.spec.name, step, ctx.nonfinite_skipped),
+                TrainingState(stage.index, stage.name, state.step, state.nonfinite_skipped),
                 accelerator=self.accelerator,
-                student=ctx.student,
-                optimizer=ctx.optimizer,
-                lr_scheduler=ctx.lr_scheduler,
-                ema=ctx.ema,
+                student=stage.model,
+                optimizer=stage.optimizer,
+                lr_scheduler=stage.lr_scheduler,
+                ema=stage.ema,
+                kind_state=stage.kind.state_dict(),
                 keep_last=self.recipe.training.keep_last,
             )
         except NonFiniteWeights as error:
-            raise TrainingStopped(f"stage {ctx.spec.name!r}, step {step}: {error}") from None
+            raise TrainingStopped(f"stage {stage.name!r}, step {state.step}: {error}") from None
 
-    def _finish_stage(self, ctx: StageContext) -> None:
-        self._save_checkpoint(ctx, ctx.spec.steps)
-        final = final_student(ctx, self.accelerator)  # every process; the main one gets it
+    def _save_snapshot(self, stage: Stage, step: int) -> None:
+        """The stage's network as its end would save it, at a `save_at` step."""
+        snapshot = final_model(stage, self.accelerator)  # every process; the main one gets it
+        if snapshot is not None:
+            self.folder.save_model(self.folder.snapshot(stage.index, step), snapshot)
+        self.accelerator.wait_for_everyone()
+
+    def _finish_stage(self, stage: Stage, state: LoopState) -> None:
+        self._save_checkpoint(stage, state)
+        final = final_model(stage, self.accelerator)  # every process; the main one gets it
         if final is not None:
-            self.folder.save_stage_student(ctx.index, final)
-        self._validate(ctx, ctx.spec.steps, final)
+            self.folder.save_model(self.folder.stage_output(stage.index), final)
+        self._validate(stage, state.step, final)
         self.accelerator.wait_for_everyone()
 
     def _save_final_pipeline(self) -> Path:
+        """The last stage's pipeline with every part the run trained (the student UNet, and
+        e.g. a VAE), sampled as the last stage's kind samples."""
         if self.accelerator.is_main_process:
-            source = self.stages.source_key(len(self.recipe.stages) - 1)
+            last = len(self.recipe.stages)
+            parts = {
+                part: self.stages.load_part(part, folder)
+                for part, folder in self.folder.trained_parts(last).items()
+            }
+            components = self.stages.stage_pipeline(last - 1).with_parts(parts)
+            final = self.plan.stages[-1]
             self.folder.save_student_pipeline(
-                self.stages.components(source),
-                len(self.recipe.stages) - 1,
-                self.stages.precision.weights,
+                final.kind.sampling(components.pipeline, final.options)
             )
         self.accelerator.wait_for_everyone()
         return self.folder.student_pipeline
 
-    def _validate(
-        self, ctx: StageContext, step: int, student: UNet2DConditionModel | None = None
-    ) -> None:
-        """A sample grid (the main process draws it; the student is gathered by all)."""
-        if not self.recipe.training.validation_prompts:
+    def _validate(self, stage: Stage, step: int, model: ModelMixin | None = None) -> None:
+        """A sample grid, drawn by the main process (the network is gathered by all)."""
+        training = self.recipe.training
+        if not training.validation_prompts:
             return
-        student = student or final_student(ctx, self.accelerator)
-        if student is not None:
-            path = self.folder.sample_grid(ctx.index, step)
-            save_stage_grid(
-                ctx, student, self.accelerator, self.recipe.training, self.recipe.seed, path
+        model = model or final_model(stage, self.accelerator, finish=False)
+        if model is not None:
+            settings = ValidationSettings(
+                prompts=tuple(training.validation_prompts),
+                steps=training.validation_steps,
+                guidance=training.validation_guidance,
+                seed=self.recipe.seed,
             )
+            with self.accelerator.autocast():  # a bf16 teacher beside fp32 VAE and text encoder
+                stage.kind.sample_grid(model, self.folder.sample_grid(stage.index, step), settings)

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
 
 LABEL_WIDTH = 120
@@ -14,7 +14,7 @@ LABEL_WIDTH = 120
 
 @torch.no_grad()
 def generate_row(
-    pipeline: StableDiffusionPipeline,
+    pipeline: DiffusionPipeline,
     prompts: Sequence[str],
     *,
     seed: int,
@@ -50,7 +50,7 @@ def grid_image(rows: Mapping[str, Sequence[Image.Image]], scale: int = 1) -> Ima
 
 
 def save_validation_grid(
-    pipelines: Mapping[str, StableDiffusionPipeline],
+    pipelines: Mapping[str, DiffusionPipeline],
     prompts: Sequence[str],
     path: Path,
     *,

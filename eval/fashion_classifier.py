@@ -20,8 +20,8 @@ Input: what the training images go through, `classifier_input` on uint8 (B, C, H
 mean as grey (the offline world's RGB images are grey copied into three channels, so this is the
 exact grey level; for generated images, their luminance as the classifier was taught it), scaled to
 [-1, 1], then bilinearly resized to 32×32. For the 28 px training images this is exactly
-`offline.teacher.fashion_pixels`, what the teachers were trained on (tested); the tiny
-pipelines' 32 px images pass through without a resize.
+`offline.fashion_mnist.fashion_pixels` (tested; the teachers see the same images through the
+engine's bicubic resize); the tiny pipelines' 32 px images pass through without a resize.
 """
 
 from __future__ import annotations

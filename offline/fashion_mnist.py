@@ -16,10 +16,14 @@ import gzip
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from core.errors import UserInputError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+SOURCE_SIZE = 28  # Fashion-MNIST's images
+IMAGE_SIZE = 32  # the offline world's resolution: a multiple of the tiny VAE's factor 4
 HUB_DATASET = "zalando-datasets/fashion_mnist"
 
 # Label order of the original dataset (index = label id).
@@ -100,6 +104,17 @@ def _arrays_from_hub(split: str) -> tuple[np.ndarray, np.ndarray]:
         ) from error
     images = np.stack([np.asarray(image.convert("L")) for image in hub["image"]])
     return images, np.asarray(hub["label"], dtype=np.int64)
+
+
+def fashion_pixels(images: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """uint8 (B, 28, 28) grey images → float (B, 3, size, size) in [-1, 1], bilinear.
+
+    What the in-domain judge (`eval.fashion_classifier`) is trained on; the teachers and students
+    see the same images through the engine's preprocessing (`distill.data.preprocess`: bicubic).
+    """
+    pixels = torch.tensor(images, dtype=torch.float32).div(127.5).sub(1.0)  # copies
+    pixels = F.interpolate(pixels[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    return pixels.expand(-1, 3, -1, -1).contiguous()
 
 
 def caption_template_indices(n: int, seed: int) -> np.ndarray:

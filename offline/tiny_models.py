@@ -15,6 +15,8 @@ text-time embedding fed by the second text encoder's projected pooled output and
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -114,17 +116,42 @@ def tiny_unet(
     norm_num_groups: int = 8,
     sample_size: int = 8,
     use_linear_projection: bool = False,
+    plain_stage: Literal["deepest", "first"] = "deepest",
+    transformer_layers: tuple[int, ...] | None = None,
+    **conditioning: Any,
 ) -> UNet2DConditionModel:
-    """SD v1's UNet layout in miniature: CrossAttn down blocks then one plain DownBlock2D,
-    a cross-attention mid block, mirrored up blocks. `sample_size` is the latent side.
-    `use_linear_projection`: SD 2.x's transformers (linear in/out projections, not 1×1 convs)."""
+    """SD's UNet layouts in miniature. `sample_size` is the latent side.
+
+    plain_stage: the one stage without attention: "deepest" is SD v1/v2's layout (CrossAttn down
+        blocks then a plain DownBlock2D, mirrored up blocks), "first" is SDXL's.
+    use_linear_projection: SD 2.x's and SDXL's transformers (linear in/out projections, not 1×1
+        convs). transformer_layers: per stage (the plain stage's entry unused); None: one each.
+    conditioning: config entries that make it read a family's conditioning
+        (`ModelFamily.unet_conditioning_config`; SD: just `cross_attention_dim`).
+    """
     stages = len(block_out_channels)
+    attended = ("CrossAttnDownBlock2D",) * (stages - 1)
+    if plain_stage == "deepest":
+        down, up = (
+            attended + ("DownBlock2D",),
+            ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (stages - 1),
+        )
+    else:
+        down, up = (
+            ("DownBlock2D",) + attended,
+            ("CrossAttnUpBlock2D",) * (stages - 1) + ("UpBlock2D",),
+        )
+    depth = (
+        {}
+        if transformer_layers is None
+        else {"transformer_layers_per_block": list(transformer_layers)}
+    )
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        down_block_types=("CrossAttnDownBlock2D",) * (stages - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (stages - 1),
+        down_block_types=down,
+        up_block_types=up,
         mid_block_type="UNetMidBlock2DCrossAttn",
         block_out_channels=block_out_channels,
         layers_per_block=layers_per_block,
@@ -133,6 +160,8 @@ def tiny_unet(
         norm_num_groups=norm_num_groups,
         cross_attention_dim=cross_attention_dim,
         use_linear_projection=use_linear_projection,
+        **depth,
+        **conditioning,
     )
 
 
@@ -153,26 +182,20 @@ def tiny_sdxl_unet(
     cross_attention_dim: both text encoders' hidden widths, concatenated (SDXL: 768 + 1280).
     The added embedding reads the pooled text (B, pooled_text_dim) beside the six size ids, each
     Fourier-embedded to `time_ids_embed_dim` (SDXL: 1280 + 6 × 256 = 2816 inputs).
-    `transformer_layers[0]` is unused: the first stage has no attention.
     """
-    stages = len(block_out_channels)
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (stages - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (stages - 1) + ("UpBlock2D",),
-        mid_block_type="UNetMidBlock2DCrossAttn",
+    from core.families import StableDiffusionXL
+
+    widths = (cross_attention_dim - pooled_text_dim, pooled_text_dim)
+    return tiny_unet(
         block_out_channels=block_out_channels,
         layers_per_block=layers_per_block,
-        transformer_layers_per_block=list(transformer_layers),
         attention_head_dim=attention_head_dim,
         norm_num_groups=norm_num_groups,
-        cross_attention_dim=cross_attention_dim,
+        sample_size=sample_size,
         use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_ids_embed_dim,
-        projection_class_embeddings_input_dim=pooled_text_dim + 6 * time_ids_embed_dim,
+        plain_stage="first",
+        transformer_layers=transformer_layers,
+        **StableDiffusionXL().unet_conditioning_config(widths, time_ids_embed_dim),
     )
 
 

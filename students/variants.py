@@ -7,6 +7,9 @@ also the student of small-stable-diffusion-v0:
 - `small`: `base` without the mid block.
 - `tiny`:  `small` without the deepest stage (last down block and first up block).
 
+and `full`, the teacher's own architecture with every layer: for a UNet trained from scratch (the
+offline world's teachers) or made few-step without being made smaller.
+
 The transform works on any diffusers `UNet2DConditionModel` config (SD 1.x, SD 2.x, SDXL): it only
 edits the keys diffusers defines per block, so per-block lists stay aligned with the blocks.
 """
@@ -30,7 +33,7 @@ class StudentVariant:
 
     name: str
     description: str
-    layers_per_block: int = 1
+    layers_per_block: int | None = 1  # None: the teacher's
     keep_mid_block: bool = True
     drop_deepest_stage: bool = False
     transformer_depth: tuple[int, ...] | None = None
@@ -41,6 +44,9 @@ VARIANTS: dict[str, StudentVariant] = {
     v.name: v
     for v in (
         StudentVariant("base", "layers_per_block=1 (small-stable-diffusion-v0, BK-SDM-Base)"),
+        StudentVariant(
+            "full", "the teacher's own architecture, every layer", layers_per_block=None
+        ),
         StudentVariant("small", "base without the mid block (BK-SDM-Small)", keep_mid_block=False),
         StudentVariant(
             "tiny",
@@ -117,8 +123,9 @@ def student_config(teacher_config: Mapping[str, Any], variant: str | StudentVari
             f"teacher already has layers_per_block={teacher_layers}; "
             f"variant 'base' needs a teacher with more than {variant.layers_per_block}"
         )
-    config["layers_per_block"] = variant.layers_per_block
-    config = _prune_nested_transformer_layers(config, variant.layers_per_block)
+    if variant.layers_per_block is not None:
+        config["layers_per_block"] = variant.layers_per_block
+        config = _prune_nested_transformer_layers(config, variant.layers_per_block)
     if variant.transformer_depth is not None:
         config = _cut_transformer_depth(config, variant)
     if not variant.keep_mid_block:

@@ -6,7 +6,7 @@ pipeline = source.pipeline()             # a folder or hub id: the family's pipe
 conditioning = source.family.conditioning(pipeline, encoders=True)
 """
 
-from core.families.base import TEXT_SEQUENCE_LENGTH, Conditioning, ModelFamily
+from core.families.base import Conditioning, ModelFamily
 from core.families.resolve import (
     FAMILIES,
     ModelSource,
@@ -14,9 +14,16 @@ from core.families.resolve import (
     family_named,
     family_of,
     load_pipeline,
+    register_family,
+    registered_families,
     resolve,
 )
-from core.families.sd import StableDiffusion, TextConditioning, encode_captions
+from core.families.sd import (
+    TEXT_SEQUENCE_LENGTH,
+    StableDiffusion,
+    TextConditioning,
+    encode_captions,
+)
 from core.families.sdxl import SDXLConditioning, StableDiffusionXL
 from core.families.unets import builtin_config, builtin_names, unet_folder, unet_from_config
 
@@ -37,6 +44,8 @@ __all__ = [
     "family_named",
     "family_of",
     "load_pipeline",
+    "register_family",
+    "registered_families",
     "resolve",
     "unet_folder",
     "unet_from_config",

@@ -23,8 +23,6 @@ from torch import Tensor
 
 from core.errors import UserInputError
 
-TEXT_SEQUENCE_LENGTH = 77  # CLIP's context length, the encoder_hidden_states length in SD
-
 
 class Conditioning(ABC):
     """Prompts to UNet inputs, split at the cache: `caption_fields` (token ids, stored once per
@@ -54,6 +52,9 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     pipeline_kwargs: ClassVar[dict[str, Any]] = {}  # extra from_pretrained / init arguments
+    # One entry per text encoder, in the family's order: whether it is a text model with a
+    # projection (CLIPTextModelWithProjection), whose projected pooled output the UNet reads.
+    text_encoder_projections: ClassVar[tuple[bool, ...]]
 
     @abstractmethod
     def handles(self, pipeline_class: str | None, unet_config: Mapping[str, Any]) -> bool:
@@ -88,14 +89,30 @@ class ModelFamily(ABC):
         """A pipeline of this family from parts (the offline world builds its teachers so): as
         many text encoders and tokenizers as the family has, in its order."""
 
+    def with_parts(
+        self, pipeline: DiffusionPipeline, parts: Mapping[str, Any]
+    ) -> DiffusionPipeline:
+        """The same pipeline with `parts` (component name -> module, e.g. a student "unet", a
+        trained "vae", a "scheduler") in place of its own; the others are shared, not copied."""
+        components = {**pipeline.components, **parts}
+        return self.pipeline_class(**components, **self.pipeline_kwargs)
+
     def with_unet(
         self, pipeline: DiffusionPipeline, unet: UNet2DConditionModel
     ) -> DiffusionPipeline:
-        """The same pipeline around another UNet (the student): the other components are shared,
-        not copied."""
-        components = {**pipeline.components, "unet": unet}
-        return self.pipeline_class(**components, **self.pipeline_kwargs)
+        """The same pipeline around another UNet (the student)."""
+        return self.with_parts(pipeline, {"unet": unet})
 
+    @abstractmethod
+    def unet_conditioning_config(
+        self, text_widths: tuple[int, ...], embedding_width: int
+    ) -> dict[str, Any]:
+        """The UNet config entries that make a UNet read this family's conditioning, for text
+        encoders of these hidden widths (family order; a projected one's projection width is its
+        hidden width) and, where the family embeds extra ids (SDXL's sizes), `embedding_width`
+        per id. For building a UNet from scratch (the offline world's teachers)."""
+
+    @abstractmethod
     def probe_inputs(
         self,
         config: Mapping[str, Any],
@@ -107,13 +124,3 @@ class ModelFamily(ABC):
     ) -> dict[str, Any]:
         """Keyword inputs of the right shapes for one forward of a UNet with this config (random
         values; on "meta", shapes only): for FLOP counts, latency and the loss preflight."""
-        size = sample_size or config["sample_size"]
-        size = size if isinstance(size, int) else size[0]
-        width = config["cross_attention_dim"]
-        width = width if isinstance(width, int) else width[0]
-        place = {"device": device, "dtype": dtype}
-        return {
-            "sample": torch.randn(batch_size, config["in_channels"], size, size, **place),
-            "timestep": torch.full((batch_size,), 500, device=device, dtype=torch.long),
-            "encoder_hidden_states": torch.randn(batch_size, TEXT_SEQUENCE_LENGTH, width, **place),
-        }

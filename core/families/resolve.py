@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+from core import plugins
 from core.errors import UserInputError
 from core.families.base import ModelFamily
 from core.families.sd import StableDiffusion
@@ -30,24 +31,45 @@ from core.families.unets import (
 )
 from core.paths import HUB_ID
 
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionXL(), StableDiffusion())
+# name -> family, in registration order. Other packages add theirs with `register_family` or an
+# entry point; the latest registered is asked first, so a package can claim a more specific kind
+# of teacher than a builtin family's (the builtins claim disjoint teachers).
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}
+
+
+def register_family(family: ModelFamily | type[ModelFamily]) -> ModelFamily:
+    """Make a family known to the resolver, `distill student` and recipes (an instance or its
+    class; usable as a class decorator)."""
+    instance = family() if isinstance(family, type) else family
+    existing = FAMILIES.get(instance.name)
+    if existing is not None and type(existing) is not type(instance):
+        raise ValueError(f"a family named {instance.name!r} is already registered ({existing})")
+    FAMILIES[instance.name] = instance
+    return family
+
+
+def registered_families() -> list[ModelFamily]:
+    """Every family: the builtin ones and those of the `sd_distill.families` entry points."""
+    for name, point in plugins.registered(plugins.FAMILIES).items():
+        if name not in FAMILIES:
+            register_family(point.load())
+    return list(FAMILIES.values())
 
 
 def family_for(pipeline_class: str | None, unet_config: dict[str, Any]) -> ModelFamily:
-    for family in FAMILIES:
+    families = registered_families()
+    for family in reversed(families):
         if family.handles(pipeline_class, unet_config):
             return family
-    known = ", ".join(f.pipeline_class.__name__ for f in FAMILIES)
+    known = ", ".join(f.pipeline_class.__name__ for f in families)
     raise UserInputError(f"{pipeline_class} is not a supported pipeline (supported: {known})")
 
 
 def family_named(name: str) -> ModelFamily:
-    for family in FAMILIES:
-        if family.name == name:
-            return family
-    raise UserInputError(
-        f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}"
-    )
+    families = {family.name: family for family in registered_families()}
+    if name not in families:
+        raise UserInputError(f"unknown model family {name!r}; known: {', '.join(families)}")
+    return families[name]
 
 
 @dataclass(frozen=True)

@@ -71,9 +71,35 @@ class TextConditioning(Conditioning):
         return {"encoder_hidden_states": self.text_encoder(ids, **extra).last_hidden_state}
 
 
+TEXT_SEQUENCE_LENGTH = 77  # CLIP's context length, the encoder_hidden_states length in SD
+
+
+def text_probe_inputs(
+    config: Mapping[str, Any],
+    *,
+    batch_size: int,
+    sample_size: int | None,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """A UNet forward's inputs when it reads CLIP text states: latents, timesteps and
+    `encoder_hidden_states` (B, 77, cross_attention_dim)."""
+    size = sample_size or config["sample_size"]
+    size = size if isinstance(size, int) else size[0]
+    width = config["cross_attention_dim"]
+    width = width if isinstance(width, int) else width[0]
+    place = {"device": device, "dtype": dtype}
+    return {
+        "sample": torch.randn(batch_size, config["in_channels"], size, size, **place),
+        "timestep": torch.full((batch_size,), 500, device=device, dtype=torch.long),
+        "encoder_hidden_states": torch.randn(batch_size, TEXT_SEQUENCE_LENGTH, width, **place),
+    }
+
+
 class StableDiffusion(ModelFamily):
     name: ClassVar[str] = "sd"
     pipeline_class = StableDiffusionPipeline
+    text_encoder_projections: ClassVar[tuple[bool, ...]] = (False,)
     # No safety checker: its black-out would bias FID (BK-SDM disables it for benchmarks too)
     # and means nothing for a training teacher.
     pipeline_kwargs: ClassVar[dict[str, Any]] = {
@@ -101,9 +127,20 @@ class StableDiffusion(ModelFamily):
             **self.pipeline_kwargs,
         )
 
-    def with_unet(self, pipeline, unet):
+    def unet_conditioning_config(self, text_widths, embedding_width):
+        (width,) = text_widths
+        return {"cross_attention_dim": width}
+
+    def probe_inputs(
+        self, config, *, batch_size=1, sample_size=None, device="cpu", dtype=torch.float32
+    ):
+        return text_probe_inputs(
+            config, batch_size=batch_size, sample_size=sample_size, device=device, dtype=dtype
+        )
+
+    def with_parts(self, pipeline, parts):
         components = {k: v for k, v in pipeline.components.items() if k != "safety_checker"}
-        return self.pipeline_class(**{**components, "unet": unet}, **self.pipeline_kwargs)
+        return self.pipeline_class(**{**components, **parts}, **self.pipeline_kwargs)
 
 
 def encode_captions(text_encoder: torch.nn.Module, tokenizer: Any, captions: list[str]) -> Tensor:

@@ -24,7 +24,7 @@ from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from torch import Tensor
 
 from core.families.base import Conditioning, ModelFamily
-from core.families.sd import token_fields
+from core.families.sd import text_probe_inputs, token_fields
 from core.identity import tokenizer_identity
 
 TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
@@ -77,6 +77,7 @@ class SDXLConditioning(Conditioning):
 class StableDiffusionXL(ModelFamily):
     name: ClassVar[str] = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
+    text_encoder_projections: ClassVar[tuple[bool, ...]] = (False, True)
 
     def handles(self, pipeline_class: str | None, unet_config: Mapping[str, Any]) -> bool:
         if pipeline_class is not None:
@@ -103,15 +104,25 @@ class StableDiffusionXL(ModelFamily):
             force_zeros_for_empty_prompt=False,
         )
 
-    def with_unet(self, pipeline, unet):
-        components = {**pipeline.components, "unet": unet}
+    def with_parts(self, pipeline, parts):
+        components = {**pipeline.components, **parts}
         zeros = pipeline.config.force_zeros_for_empty_prompt  # a pipeline setting, not a part
         return self.pipeline_class(**components, force_zeros_for_empty_prompt=zeros)
+
+    def unet_conditioning_config(self, text_widths, embedding_width):
+        # Cross-attention reads both encoders' states side by side; the added embedding reads
+        # the second's projected pooled output beside the six Fourier-embedded size ids.
+        return {
+            "cross_attention_dim": sum(text_widths),
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": embedding_width,
+            "projection_class_embeddings_input_dim": text_widths[-1] + TIME_IDS * embedding_width,
+        }
 
     def probe_inputs(
         self, config, *, batch_size=1, sample_size=None, device="cpu", dtype=torch.float32
     ):
-        inputs = super().probe_inputs(
+        inputs = text_probe_inputs(
             config, batch_size=batch_size, sample_size=sample_size, device=device, dtype=dtype
         )
         pooled = (

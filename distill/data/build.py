@@ -172,7 +172,7 @@ def build_latent_cache(
     if device is not None:
         vae.to(device)
     key_inputs = cache_key_inputs(
-        dataset_fingerprint=_dataset_fingerprint(dataset, dataset_fingerprint),
+        dataset_fingerprint=fingerprint_of_dataset(dataset, dataset_fingerprint),
         vae=vae,
         conditioning=conditioning,
         preprocess=preprocess,
@@ -287,7 +287,7 @@ def _encode_my_shards(
     progress: bool,
 ) -> int:
     """Encode this process's missing shards; return the number of source rows."""
-    rows = _undecoded(dataset)
+    rows = undecoded(dataset)
     if isinstance(rows, datasets.Dataset):
         total = len(rows)
         mine = [k for k in range(math.ceil(total / rows_per_shard)) if k % world == rank]
@@ -481,7 +481,7 @@ def _check_columns(dataset: datasets.Dataset | datasets.IterableDataset) -> None
         )
 
 
-def _dataset_fingerprint(
+def fingerprint_of_dataset(
     dataset: datasets.Dataset | datasets.IterableDataset, given: str | None
 ) -> str:
     if given is not None:
@@ -494,7 +494,7 @@ def _dataset_fingerprint(
     )
 
 
-def _undecoded(
+def undecoded(
     dataset: datasets.Dataset | datasets.IterableDataset,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Hand out image bytes/paths instead of PIL images, so one corrupt file is a skipped row in

@@ -137,6 +137,11 @@ class LatentCache(torch.utils.data.Dataset):
         return dict(self.meta["skipped"])
 
     @property
+    def key(self) -> str:
+        """The hash of everything its numbers depend on (`distill.data.build`), its name."""
+        return self.meta["key"]
+
+    @property
     def bytes_per_pair(self) -> float:
         return self.meta["bytes"] / self.meta["count"]
 
@@ -176,6 +181,15 @@ class LatentCache(torch.utils.data.Dataset):
                 for name in [*self._empty, *self._sample_fields]
             },
         )
+
+    def micro_batch(self, samples: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        """`batch` as the stage rows of a training loader (`distill.kinds.StageRows`)."""
+        batch = self.batch(samples)
+        return {
+            "latent_mean": batch.latent_mean,
+            "latent_std": batch.latent_std,
+            "conditioning": batch.conditioning,
+        }
 
     def item(self, index: int, variant: int = 0) -> dict[str, torch.Tensor]:
         """Sample `index` in variant `variant` (0 original, 1 flipped when stored)."""

@@ -77,14 +77,16 @@ def image_variants(image: Image.Image, spec: PreprocessSpec, source_index: int) 
 def crop_geometry(
     image: Image.Image, spec: PreprocessSpec, source_index: int
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((original height, width), (crop top, left) in resized pixels): SDXL's size ids."""
+    """((original height, width), (crop top, left) in resized pixels): SDXL's size ids. With
+    `spec.size_ids == "target"` the original size is the output's (see `PreprocessSpec`)."""
     width, height = image.size
     side = min(width, height)
     top, left = crop_box(
         height, width, side, center=spec.center_crop, generator=crop_generator(spec, source_index)
     )
     scale = spec.resolution / side
-    return (height, width), (round(top * scale), round(left * scale))
+    original = (height, width) if spec.size_ids == "original" else (spec.resolution,) * 2
+    return original, (round(top * scale), round(left * scale))
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,11 +29,16 @@ class PreprocessSpec:
     resolution: side of the square output, in pixels.
     center_crop: crop the middle square; otherwise a random square (seeded, see `crop_box`).
     random_flip: train on horizontal flips too (the cache stores both variants).
+    size_ids: the original size SDXL's size ids record: the image's own ("original", SDXL's
+        size conditioning), or the output size ("target": data that was upscaled from one
+        small size, such as the offline world's 28 px images, sampled at the pipeline's default
+        original size = target size).
     """
 
     resolution: int
     center_crop: bool = True
     random_flip: bool = False
+    size_ids: Literal["original", "target"] = "original"
 
     def __post_init__(self) -> None:
         if self.resolution < 1:

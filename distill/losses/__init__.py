@@ -1,7 +1,7 @@
 """Distillation losses: modules that read one step's record (`StepOutputs`) and return named,
 unweighted terms.
 
-- `task`: MSE(student, scheduler target ε or v)
+- `task`: MSE(student, scheduler target ε or v), optionally min-SNR-γ weighted
 - `output_kd`: MSE(student, teacher prediction), the "soft labels"
 - `feature_kd`: Σ MSE over layer pairs (BK-SDM)
 - `similarity`: Σ MSE of position-similarity matrices over layer pairs (width-independent)
@@ -42,7 +42,7 @@ from distill.losses.similarity import (
     pooled_tokens,
     similarity_matrix,
 )
-from distill.losses.task import PREDICTION_TYPES, TaskLoss, task_target
+from distill.losses.task import PREDICTION_TYPES, TaskLoss, min_snr_weights, task_target
 
 __all__ = [
     "LOSSES",
@@ -67,6 +67,7 @@ __all__ = [
     "reads_teacher",
     "register_loss",
     "relation_kl",
+    "min_snr_weights",
     "similarity_matrix",
     "task_target",
     "validate_loss_blocks",

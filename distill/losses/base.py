@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from core.errors import UserInputError
@@ -47,6 +47,8 @@ class StepOutputs:
     student_features: Mapping[str, Tensor]
     teacher_features: Mapping[str, Tensor]
     timesteps: Tensor  # (B,)
+    snr: Tensor | None = None  # (B,) ᾱ_t / (1 − ᾱ_t) of each sample's timestep
+    prediction_type: str = "epsilon"  # what `target` is: "epsilon" or "v_prediction"
 
 
 class LossOptions(BaseModel):
@@ -60,7 +62,17 @@ class LossOptions(BaseModel):
 class FeatureLossOptions(LossOptions):
     # (student module path, teacher module path) pairs, or a preset's name (students.PAIR_PRESETS:
     # stage_outputs, self_attention, koala); None: the loss's default pairs for the models.
-    layer_pairs: list[LayerPair] | Literal["stage_outputs", "self_attention", "koala"] | None = None
+    layer_pairs: list[LayerPair] | str | None = None
+
+    @field_validator("layer_pairs")
+    @classmethod
+    def _known_preset(cls, pairs: list[LayerPair] | str | None) -> list[LayerPair] | str | None:
+        if isinstance(pairs, str) and pairs not in PAIR_PRESETS:
+            raise ValueError(
+                f"unknown layer-pair preset {pairs!r}; presets: {', '.join(PAIR_PRESETS)}, or "
+                "a list of [student path, teacher path] pairs"
+            )
+        return pairs
 
 
 class Loss(nn.Module):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from distill.cli import main
+from cli import main
 from testkit.tiny_world import make_tiny_pipeline, tiny_recipe
 
 

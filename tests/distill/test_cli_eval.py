@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.cli import main
+from cli import main
 
 
 def _error(capsys) -> str:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli import main
 from core.fingerprints import pipeline_fingerprint
-from distill.cli import main
 from distill.recipe import validate_recipe
 from distill.trainer import DistillationTrainer
 from testkit.tiny_world import make_tiny_pipeline, tiny_recipe

@@ -61,7 +61,7 @@ def test_two_process_run_matches_one_process_and_only_rank_0_writes(tmp_path: Pa
             "--dynamo_backend",
             "no",
             "-m",
-            "distill.cli",
+            "cli",
             "run",
             str(recipe_file),
             "--no-progress",

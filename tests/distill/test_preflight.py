@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli import main
 from core.errors import UserInputError
-from distill.cli import main
 from distill.losses import build_losses, validate_loss_blocks
 from distill.preflight import check_loss_shapes
 from students import build_student

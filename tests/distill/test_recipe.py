@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli import main
 from core.errors import UserInputError
-from distill.cli import main
-from distill.preflight import check_recipe_losses
+from distill.plan import plan_run
 from distill.recipe import apply_override, load_recipe, resolve_paths, validate_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -52,7 +52,9 @@ def _invalid(mutate) -> str:
 def test_valid_recipe_has_defaults_filled_in() -> None:
     recipe = validate_recipe(copy.deepcopy(VALID))
     assert recipe.training.ema.enabled
-    assert {name: block.weight for name, block in recipe.stages[0].losses.items()} == {"task": 1.0}
+    assert {name: block.weight for name, block in recipe.stages[0].loss_blocks.items()} == {
+        "task": 1.0
+    }
     similarity = recipe.stages[1].losses["similarity"]
     assert similarity.layer_pairs is None and similarity.max_positions == 64
     assert recipe.stages[1].gradient_accumulation == 1
@@ -149,12 +151,12 @@ def test_sd_scale_recipes_losses_fit_the_real_sd_v1_shapes(name: str) -> None:
     (the builtin configs stand in for the hub teachers, which cannot be downloaded here)."""
     raw = yaml.safe_load((RECIPES / name).read_text())
     raw["teachers"] = {key: key for key in raw["teachers"]}  # sd-v1-4 / sd-v1-5: builtin names
-    check_recipe_losses(validate_recipe(raw))
+    plan_run(validate_recipe(raw))
     raw["stages"][-1]["losses"]["feature_kd"] = {"layer_pairs": [["down_blocks.0", "mid_block"]]}
     with pytest.raises(
         UserInputError, match=r"layer_pairs\.0: .*\(1, 320, 32, 32\).*\(1, 1280, 8, 8\)"
     ):
-        check_recipe_losses(validate_recipe(raw))
+        plan_run(validate_recipe(raw))
 
 
 def test_koala_recipe_fits_sdxl_and_taps_the_deepest_self_attentions() -> None:
@@ -163,10 +165,10 @@ def test_koala_recipe_fits_sdxl_and_taps_the_deepest_self_attentions() -> None:
     teacher is refused in one line before anything is built."""
     raw = yaml.safe_load((RECIPES / "koala_700m.yaml").read_text())
     raw["teachers"] = {"sdxl": "sdxl-base"}
-    check_recipe_losses(validate_recipe(raw))
+    plan_run(validate_recipe(raw))
     raw["teachers"] = {"sdxl": "sd-v1-4"}
     with pytest.raises(UserInputError, match="defined for sdxl teachers"):
-        check_recipe_losses(validate_recipe(raw))
+        plan_run(validate_recipe(raw))
 
 
 def test_cli_bad_recipe_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys) -> None:

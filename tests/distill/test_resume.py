@@ -23,8 +23,8 @@ import yaml
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
+from cli import main
 from distill.checkpoint import list_checkpoints
-from distill.cli import main
 from distill.recipe import validate_recipe
 from distill.trainer import DistillationTrainer
 from testkit.tiny_world import make_tiny_pipeline, tiny_recipe
@@ -45,7 +45,7 @@ def _write_recipe(raw: dict, path: Path) -> Path:
 
 def _start(recipe: Path, *flags: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "distill.cli", "run", str(recipe), "--no-progress", *flags]
+    command = [sys.executable, "-m", "cli", "run", str(recipe), "--no-progress", *flags]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

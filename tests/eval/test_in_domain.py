@@ -27,10 +27,10 @@ from offline.fashion_mnist import (
     CAPTION_TEMPLATES,
     FASHION_CLASSES,
     caption_for,
+    fashion_pixels,
     fashion_prompts,
     load_fashion_mnist_arrays,
 )
-from offline.teacher import fashion_pixels
 
 TEST_IMAGES = 400  # real test images scored as "generated" ones
 # The stated bar for the test-session classifier (10,000 training images, one epoch): it measured

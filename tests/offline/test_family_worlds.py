@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.cli import main
+from cli import main
 from testkit.tiny_world import TOY_TEACHER_OVERRIDES
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from core.errors import UserInputError
+from distill.losses import min_snr_weights
 from offline import fashion_mnist
 from offline.fashion_mnist import (
     FASHION_CLASSES,
@@ -20,7 +21,7 @@ from offline.fashion_mnist import (
     load_fashion_mnist,
     read_idx,
 )
-from offline.teacher import caption_table, min_snr_weights, train_fashion_teachers
+from offline.teacher import TeacherSettings, train_fashion_teachers
 from offline.tokenizer import build_clip_tokenizer
 
 
@@ -125,16 +126,8 @@ def test_min_snr_weights_clamp_high_snr_only():
     torch.testing.assert_close(min_snr_weights(snr, gamma=5.0), torch.tensor([1.0, 1.0, 0.25]))
 
 
-def test_caption_table_ends_with_the_empty_prompt():
-    table = caption_table()
-    assert table[-1] == ""
-    assert len(table) == 10 * 3 + 1
-    assert table[3 * 3] == "a photo of a dress"  # label 3, template 0
-
-
 def test_few_step_run_exports_two_loadable_teachers(tmp_path, cache_dir):
-    folders = train_fashion_teachers(
-        tmp_path / "teachers",
+    settings = TeacherSettings(
         vae_steps=2,
         unet_steps=2,
         batch_size=4,
@@ -145,8 +138,8 @@ def test_few_step_run_exports_two_loadable_teachers(tmp_path, cache_dir):
         max_train_samples=64,
         grid_seeds=(0,),
         grid_inference_steps=2,
-        progress=False,
     )
+    folders = train_fashion_teachers(tmp_path / "teachers", settings, progress=False)
     assert set(folders) == {"a", "b"}
     unets = {}
     for name, folder in folders.items():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
-from distill.cli import main
+from cli import main
 from testkit.tiny_world import TOY_TEACHER_OVERRIDES, make_tiny_pipeline
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -53,5 +53,5 @@ def test_fashion_teacher_recipe_names_a_bad_training_key(tmp_path: Path, capsys)
     recipe = str(RECIPES / "fashion_teacher.yaml")
     code = main(["run", recipe, f"output_dir={tmp_path / 't'}", "train.vae_stepz=3"])
     assert code == 2
-    assert "train.vae_stepz: Unexpected keyword argument" in capsys.readouterr().err
+    assert "train.vae_stepz: Extra inputs are not permitted" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from distill.cli import main
+from cli import main
 from testkit.unets import make_tiny_teacher
 
 JSON_KEYS = {
@@ -29,7 +29,7 @@ def test_console_script_prints_the_sd_v1_4_figures() -> None:
         [
             sys.executable,
             "-m",
-            "distill.cli",
+            "cli",
             "student",
             "--teacher",
             "sd-v1-4",

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from cli import main
 from core.errors import UserInputError
 from core.families import resolve
-from distill.cli import main
 from offline.tiny_models import tiny_sdxl_unet
 from students import (
     StudentVariant,

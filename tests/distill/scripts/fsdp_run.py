@@ -41,12 +41,12 @@ def run(recipe_path: str, stop: int | None) -> None:
     build = trainer.stages.build
 
     def build_and_report(index, checkpoint):
-        context = build(index, checkpoint)
-        parameters = list(context.student.parameters())
-        shadows = context.ema.shadow_params if context.ema is not None else []
+        stage = build(index, checkpoint)
+        parameters = list(stage.model.parameters())
+        shadows = stage.ema.shadow_params if stage.ema is not None else []
         sharded = all(isinstance(p, DTensor) for p in parameters + shadows)
         print(f"rank {accelerator.process_index}: student and EMA sharded: {sharded}", flush=True)
-        return context
+        return stage
 
     trainer.stages.build = build_and_report
     trainer.train()

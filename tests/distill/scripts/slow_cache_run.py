@@ -15,8 +15,8 @@ from datetime import timedelta
 from accelerate import Accelerator, InitProcessGroupKwargs
 
 import distill.data.build as build
+from cli import EXIT_BAD_INPUT
 from core.errors import UserInputError
-from distill.cli import EXIT_BAD_INPUT
 from distill.recipe import load_recipe
 from distill.trainer import DistillationTrainer
 

@@ -1,7 +1,7 @@
 """`distill cache RECIPE [key.sub=value ...]`: build (or complete) a recipe's latent caches.
 
 The caches the stages train on, without training: on CPU nodes before GPU time starts, or as a
-job of its own. With several processes (`accelerate launch ... -m distill.cli cache RECIPE`)
+job of its own. With several processes (`accelerate launch ... -m cli cache RECIPE`)
 each encodes its own shards. A cache already complete is reused; one interrupted is completed.
 """
 
@@ -29,13 +29,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
+    from distill.plan import plan_run
     from distill.stage import open_cache
     from distill.teacher import load_pipeline_components
 
     recipe = resolve_paths(load_recipe(args.recipe, args.overrides), args.recipe.parent)
+    plan = plan_run(recipe)
     accelerator = Accelerator()
-    sources = dict.fromkeys(stage.teacher or recipe.student.init_from for stage in recipe.stages)
-    for key in sources:  # stages with one teacher share its cache
+    # Stages with one teacher share its cache. Only stages that read the latent cache, with a
+    # VAE that exists before the run (not one an earlier stage of the run trains).
+    sources = dict.fromkeys(
+        stage.source.key
+        for stage in plan.stages
+        if stage.kind.reads_latents and not _encodes_with_a_trained_vae(plan, stage)
+    )
+    for key in sources:
         components = load_pipeline_components(recipe.teachers[key])
         cache = open_cache(
             recipe.data, components, accelerator, seed=recipe.seed, progress=not args.no_progress
@@ -47,3 +55,8 @@ def run(args: argparse.Namespace) -> int:
                 f"({skipped} rows skipped), {cache.bytes_per_pair / 1024:.1f} KB per pair"
             )
     return 0
+
+
+def _encodes_with_a_trained_vae(plan, stage) -> bool:
+    earlier = plan.stages[: stage.index]
+    return stage.source is plan.init and any(s.kind.component == "vae" for s in earlier)

@@ -12,7 +12,7 @@ EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from distill.commands import cache, evaluate, export, run, student
+    from cli.commands import cache, evaluate, export, run, student
 
     parser = argparse.ArgumentParser(
         prog="distill", description="Distill a Stable Diffusion teacher into a compact student."

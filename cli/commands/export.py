@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from distill.export import EXPORT_DTYPES, export_pipeline
@@ -11,7 +12,7 @@ from distill.export import EXPORT_DTYPES, export_pipeline
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="export a finished run as a StableDiffusionPipeline folder with a model card",
+        help="export a finished run as a diffusers pipeline folder with a model card",
         description="Write the student UNet with the teacher's VAE, text encoder, tokenizer and "
         "scheduler as a standard diffusers pipeline folder (safetensors only).",
     )
@@ -29,5 +30,6 @@ def run(args: argparse.Namespace) -> int:
     out = export_pipeline(
         args.run_dir, args.out, dtype=args.dtype, metrics=args.metrics, overwrite=args.overwrite
     )
-    print(f"exported to {out} (load with StableDiffusionPipeline.from_pretrained)")
+    pipeline_class = json.loads((out / "model_index.json").read_text())["_class_name"]
+    print(f"exported to {out} (load with {pipeline_class}.from_pretrained)")
     return 0
