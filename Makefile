@@ -1,6 +1,7 @@
 # Two commands do all the setup on a fresh machine (see README):
-#   make demo   - install everything, then run the main job on the offline default
-#   make test   - install everything, then run the test suite
+#   make demo      - install everything, then run the main job on the offline default
+#   make test      - install everything, then run the test suite (without the long chains)
+#   make test-e2e  - the long end-to-end chains (twins, kill -9 loops, multi-process launches)
 # Everything the project needs is installed from here: the venv, pip packages, Debian packages.
 
 PYTHON ?= python3.11
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-e2e lint bench clean
 
 setup: $(STAMP) $(FASHION_MNIST)
 
@@ -46,14 +47,21 @@ demo: setup
 	@echo "report:   $(RUNS)/fashion_small_sd/eval/report.md"
 	@echo "pipeline: $(RUNS)/fashion_small_sd/export  (StableDiffusionPipeline.from_pretrained)"
 
+# One worker per core, each test file on one worker (its module fixtures built once); the tests
+# run single-threaded (tests/conftest.py), so workers do not fight over cores.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
+
+# Multi-process launches among them: one test at a time.
+test-e2e: setup
+	$(PY) -m pytest -m e2e
 
 bench: setup
 	$(PY) benchmarks/sd_step.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

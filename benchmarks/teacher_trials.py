@@ -4,9 +4,8 @@ Prints figures; writes grids and teachers under --out. Subcommands:
 
     text     cosine similarity of caption embeddings from the frozen random CLIP text encoder
     speed    per-step time of the VAE and UNet training steps (min and median over steps)
-    vae      train only the VAE; reconstruction L1 on the test split, recon grid, classifier
-             accuracy on reconstructions
-    trial    the whole recipe (train_fashion_teachers) with the given settings, then `score`
+    trial    the whole recipe (train_fashion_teachers, on the engine) with the given settings,
+             then the VAE's reconstruction L1 on the test split and `score`
     score    class accuracy of a teacher's samples, judged by a small Fashion-MNIST classifier
 
 The classifier (a 2-conv CNN, 89% test accuracy) turns "are the rows class-consistent?" into a
@@ -31,14 +30,15 @@ from torch import nn
 
 from core.families import encode_captions
 from core.paths import default_cache_root
-from offline.fashion_mnist import FASHION_CLASSES, load_fashion_mnist_arrays
-from offline.sample_grid import class_prompts, tile
-from offline.teacher import (
-    caption_table,
+from offline.fashion_mnist import (
+    CAPTION_TEMPLATES,
+    FASHION_CLASSES,
+    caption_for,
     fashion_pixels,
-    train_fashion_teachers,
-    train_vae,
+    load_fashion_mnist_arrays,
 )
+from offline.sample_grid import class_prompts, tile
+from offline.teacher import TeacherSettings, train_fashion_teachers
 from offline.tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
 from offline.tokenizer import build_clip_tokenizer
 
@@ -115,7 +115,11 @@ def pil_to_pixels(images) -> torch.Tensor:
 def text_separation(args) -> None:
     """How different are the classes' caption embeddings? (cosine of flattened (77, D) states)."""
     tokenizer = build_clip_tokenizer()
-    captions = caption_table()[:-1]  # (label, template) order
+    captions = [  # (label, template) order
+        caption_for(label, template)
+        for label in range(len(FASHION_CLASSES))
+        for template in range(len(CAPTION_TEMPLATES))
+    ]
     templates = len(captions) // len(FASHION_CLASSES)
     for factor in args.factors:
         for layers in args.layers:
@@ -181,36 +185,6 @@ def speed(args) -> None:
         )
 
 
-def vae_trial(args) -> None:
-    from accelerate import Accelerator
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    images, _ = load_fashion_mnist_arrays("train")
-    torch.manual_seed(args.seed)
-    vae = tiny_vae(tuple(args.vae_channels))
-    start = time.perf_counter()
-    losses = train_vae(
-        vae,
-        images[: args.max_train_samples],
-        steps=args.vae_steps,
-        batch_size=args.vae_batch_size,
-        lr=args.vae_lr,
-        kl_weight=args.kl_weight,
-        generator=torch.Generator().manual_seed(args.seed),
-        accelerator=Accelerator(),
-        progress=True,
-    )
-    seconds = time.perf_counter() - start
-    vae.save_pretrained(out / "vae")
-    report_vae(
-        vae,
-        out,
-        f"{args.vae_steps} steps in {seconds:.0f} s, train L1 (last 100) "
-        f"{np.mean(losses[-100:]):.4f}",
-    )
-
-
 @torch.no_grad()
 def report_vae(vae, out: Path, headline: str) -> None:
     test_images, test_labels = load_fashion_mnist_arrays("test")
@@ -273,8 +247,7 @@ def score(args) -> None:
 
 def trial(args) -> None:
     start = time.perf_counter()
-    folders = train_fashion_teachers(
-        args.out,
+    settings = TeacherSettings(
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
         batch_size=args.batch_size,
@@ -292,16 +265,14 @@ def trial(args) -> None:
         uncond_prob=args.uncond_prob,
         ema_max_decay=args.ema_max_decay,
         guidance_scale=args.guidance[0],
-        progress=not args.quiet,
-        vae_from=args.vae_from,
     )
+    folders = train_fashion_teachers(args.out, settings, progress=not args.quiet)
     total = time.perf_counter() - start
     record = json.loads((Path(args.out) / "training.json").read_text())
     print(
         f"trial {args.out}: total {total:.0f} s; phases {record['seconds']}; "
-        f"scaling factor {record['scaling_factor']:.3f}; VAE L1 {record['vae_l1_last100']:.4f}; "
-        f"UNet loss {record['unet_loss_last100']:.4f}; "
-        f"torch threads {torch.get_num_threads()}",
+        f"scaling factor {record['scaling_factor']:.3f}; last logged terms "
+        f"{record['last_logged_terms']}; torch threads {torch.get_num_threads()}",
         flush=True,
     )
     from diffusers import AutoencoderKL
@@ -317,7 +288,7 @@ def trial(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["text", "speed", "vae", "trial", "score"])
+    parser.add_argument("command", choices=["text", "speed", "trial", "score"])
     parser.add_argument("--out", default="/work/teachers/trial")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -341,7 +312,6 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--teachers", nargs="*", default=[])
     parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--vae-from", default=None, help="reuse this AutoencoderKL folder")
     # text
     parser.add_argument("--factors", type=float, nargs="+", default=[1.0, 3.0, 5.0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
@@ -356,7 +326,6 @@ def main() -> None:
     commands = {
         "text": text_separation,
         "speed": speed,
-        "vae": vae_trial,
         "trial": trial,
         "score": score,
     }

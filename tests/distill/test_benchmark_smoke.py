@@ -88,6 +88,7 @@ def test_pair_magnitudes_prints_every_pair_raw_and_normalized(capsys):
     assert max(ratios) > 1.5 * min(ratios)
 
 
+@pytest.mark.e2e
 def test_cache_precision_runs_both_dtypes_and_draws_their_curves(tmp_path, capsys):
     from testkit.tiny_world import make_tiny_pipeline
 

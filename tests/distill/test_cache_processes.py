@@ -22,7 +22,10 @@ from distill.data.build import ProcessLayout
 from distill.teacher import load_pipeline_components
 from testkit.tiny_world import make_tiny_pipeline, tiny_recipe
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo and fork on Linux")
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="gloo and fork on Linux"),
+    pytest.mark.e2e,  # multi-process launches: `make test-e2e`
+]
 SCRIPT = Path(__file__).parent / "scripts" / "slow_cache_run.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
 

@@ -32,6 +32,7 @@ def _one_stage(tmp_path: Path, teachers: dict, name: str, batch_size: int) -> di
     return raw
 
 
+@pytest.mark.e2e
 def test_two_process_run_matches_one_process_and_only_rank_0_writes(tmp_path: Path) -> None:
     teachers = {
         "a": make_tiny_pipeline(tmp_path / "a", 1),
@@ -100,6 +101,7 @@ def _torchrun(script: Path, *arguments: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e
 def test_an_fsdp_sharded_run_resumes_bitwise_exact(tmp_path: Path) -> None:
     """FSDP2 on 2 CPU processes (gloo): torch's `fully_shard` runs on CPU, accelerate's plugin
     does not reach it there, so fsdp_run.py sets accelerate's FSDP mode as on GPUs. The student

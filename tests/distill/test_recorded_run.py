@@ -22,6 +22,8 @@ from distill.trainer import DistillationTrainer
 from testkit.recorded_run import load_record, logged_records, mismatches, recorded_values
 from testkit.tiny_world import make_tiny_pipeline, recorded_recipe
 
+pytestmark = pytest.mark.e2e  # five seeded runs: `make test-e2e`
+
 STAGES = 2  # denoise (task) and soft_labels (task + output KD): 6 of the record's 11 steps
 
 

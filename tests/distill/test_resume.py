@@ -104,6 +104,7 @@ def _kill_points(run: Path, cache: Path, rng: random.Random) -> list[tuple[str, 
     ]
 
 
+@pytest.mark.e2e
 def test_kill_9_at_any_moment_then_rerun_ends_bitwise_equal(teachers, tmp_path: Path) -> None:
     def recipe(name: str) -> dict:
         raw = tiny_recipe(tmp_path / name, teachers, checkpoint_every=1, keep_last=2)

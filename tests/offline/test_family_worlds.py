@@ -16,6 +16,8 @@ from testkit.tiny_world import TOY_TEACHER_OVERRIDES
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
+pytestmark = pytest.mark.e2e  # long end-to-end chains: `make test-e2e`
+
 
 LOAD = """
 import json, sys
