@@ -129,5 +129,7 @@ def metrics_fingerprints(metrics: dict[str, Any]) -> dict[str, str]:
     for row in metrics.get("rows", []):
         fingerprint = row.get("fingerprint") if isinstance(row, dict) else None
         if isinstance(fingerprint, str) and fingerprint:
-            fingerprints[row["name"]] = fingerprint
+            # A student scored at several step counts has a row for each ("student, 4 steps"),
+            # all of one model: keyed by the model.
+            fingerprints[row.get("model") or row["name"]] = fingerprint
     return fingerprints

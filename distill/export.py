@@ -21,6 +21,7 @@ from diffusers import DiffusionPipeline
 from core.errors import UserInputError
 from core.families import resolve, unet_folder, unet_from_config
 from core.fingerprints import metrics_fingerprints, pipeline_fingerprint, short
+from distill.kinds import stage_kind
 from distill.recipe import Recipe, validate_recipe
 from students import count_params
 
@@ -173,9 +174,10 @@ def model_card(
         "",
         "## Use",
         "",
+        *_usage_sentence(recipe),
         "```python",
         *_loading_lines(dtype, type(pipeline).__name__),
-        'image = pipe("a photo of a bag").images[0]',
+        f'image = pipe("a photo of a bag"{_call_arguments(recipe)}).images[0]',
         "```",
         "",
         f"Exported from run folder `{run_dir.name}`.",
@@ -200,6 +202,30 @@ def _loading_lines(dtype: str, pipeline_class: str) -> list[str]:
         f"pipe = {pipeline_class}.from_pretrained(",
         f'    "path/to/this/folder", torch_dtype={EXPORT_DTYPES[dtype]}',
         ")",
+    ]
+
+
+def _usage(recipe: Recipe) -> dict[str, Any]:
+    last = recipe.stages[-1]
+    return stage_kind(last.kind).usage(last.options)
+
+
+def _call_arguments(recipe: Recipe) -> str:
+    return "".join(f", {key}={value!r}" for key, value in _usage(recipe).items())
+
+
+def _usage_sentence(recipe: Recipe) -> list[str]:
+    """For a few-step student: its steps and guidance, and what the guidance does there."""
+    usage = _usage(recipe)
+    if "guidance_scale" not in usage:
+        return []
+    return [
+        f"A few-step student (its last stage is `{recipe.stages[-1].kind}`): sample it with "
+        f"{usage['num_inference_steps']} steps of its own scheduler "
+        f"(`{recipe.stages[-1].kind}` saved it: LCMScheduler) and `guidance_scale="
+        f"{usage['guidance_scale']:g}`, which its UNet reads through a guidance embedding (w = "
+        "guidance_scale − 1, one UNet pass per step, no classifier-free guidance pass).",
+        "",
     ]
 
 

@@ -137,6 +137,7 @@ class StageSpec(_Strict):
     lr: Annotated[float, Field(gt=0.0)]
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: Annotated[int, Field(ge=0)] = 0
+    weight_decay: Annotated[float, Field(ge=0.0)] | None = None  # None: training.weight_decay
     ema: EMASpec | None = None  # None: the run's `training.ema`
     # Steps at which the stage's network (its EMA weights, as at the stage's end) is also saved,
     # as RUN/stages/NN-name/stepNNNNNNN/<component>.

@@ -197,7 +197,7 @@ class StageBuilder:
         if self.training.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
             model.enable_gradient_checkpointing()
         spec = stage.spec
-        optimizer = make_optimizer(model, spec.lr, self.training)
+        optimizer = make_optimizer(model, spec.lr, self.training, spec.weight_decay)
         lr_scheduler = get_scheduler(
             spec.lr_schedule if spec.lr_schedule != "constant" else "constant_with_warmup",
             optimizer=optimizer,
@@ -344,9 +344,12 @@ def open_cache(
 
 
 def make_optimizer(
-    model: torch.nn.Module, lr: float, training: TrainingSpec
+    model: torch.nn.Module, lr: float, training: TrainingSpec, weight_decay: float | None = None
 ) -> torch.optim.Optimizer:
-    kwargs = dict(lr=lr, betas=training.adam_betas, weight_decay=training.weight_decay)
+    """AdamW over the trained network; `weight_decay` None: the run's."""
+    if weight_decay is None:
+        weight_decay = training.weight_decay
+    kwargs = dict(lr=lr, betas=training.adam_betas, weight_decay=weight_decay)
     if training.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb

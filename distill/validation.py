@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,29 +50,37 @@ def grid_image(rows: Mapping[str, Sequence[Image.Image]], scale: int = 1) -> Ima
     return grid
 
 
+@dataclass(frozen=True)
+class GridRow:
+    """One row of a grid: a pipeline and how it samples (a few-step student beside a teacher
+    sampled as usual)."""
+
+    pipeline: DiffusionPipeline
+    num_inference_steps: int
+    guidance_scale: float
+
+
 def save_validation_grid(
-    pipelines: Mapping[str, DiffusionPipeline],
+    rows: Mapping[str, GridRow],
     prompts: Sequence[str],
     path: Path,
     *,
     seed: int,
-    num_inference_steps: int,
-    guidance_scale: float,
     device: torch.device | str,
 ) -> Path:
-    rows = {
+    images = {
         label: generate_row(
-            pipeline,
+            row.pipeline,
             prompts,
             seed=seed,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+            num_inference_steps=row.num_inference_steps,
+            guidance_scale=row.guidance_scale,
             device=device,
         )
-        for label, pipeline in pipelines.items()
+        for label, row in rows.items()
     }
     # Small images (the offline world's 32 px) are upscaled so a person can see them.
-    scale = max(1, 96 // next(iter(rows.values()))[0].width)
+    scale = max(1, 96 // next(iter(images.values()))[0].width)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(rows, scale).save(path)
+    grid_image(images, scale).save(path)
     return path

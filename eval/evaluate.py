@@ -58,11 +58,18 @@ from eval.generate import GeneratedImages, delete_generated_images, generate_ima
 from eval.in_domain import class_accuracy, in_domain_inception_score, is_fashion_prompt_set
 from eval.inception import load_inception
 from eval.inception_score import inception_score
+from eval.plots import fid_latency_plot
 from eval.prompts import load_prompts
 from eval.protocols import EvalProtocol, PublishedResult
 from eval.report import GridInfo, ReportRow, make_comparison_grid, write_report
 from eval.results import MetricResult, MetricUnavailable
-from eval.speed import model_size, pipeline_latency, unet_step_latency
+from eval.speed import (
+    model_size,
+    pipeline_latency,
+    unet_evaluations,
+    unet_step_latency,
+    uses_classifier_free_guidance,
+)
 
 GRID_COLUMNS = 8
 
@@ -88,6 +95,7 @@ def evaluate(
     seed: int = 0,
     *,
     num_inference_steps: int = 25,
+    student_steps: Sequence[int] | None = None,
     guidance_scale: float = 7.5,
     height: int | None = None,
     width: int | None = None,
@@ -124,6 +132,11 @@ def evaluate(
     Fashion-MNIST captions, class accuracy and IS (in-domain) are judged by `fashion_classifier`
     (a trained one, or the settings of the cached one to load or train; None: the default).
     `fresh_images` deletes previously generated images first (`distill eval --overwrite`).
+
+    `student_steps` scores the student at each of these step counts (one row each, the same
+    prompts and seeds; `num_inference_steps` is then the teacher's); None: both at
+    `num_inference_steps`. Each row gives its UNet evaluations per image and pipeline latency,
+    and `fid_latency.png` plots FID against latency, one point per row.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -147,11 +160,16 @@ def evaluate(
         "output_size": output_size,
         "scheduler": scheduler,
     }
-    models = [("teacher", teacher_dir)] if teacher_dir is not None else []
-    models.append(("student", model_dir))
+    # (row name, model, steps): the teacher once, the student at each of its step counts.
+    several = student_steps is not None and len(student_steps) > 1
+    runs = [("teacher", teacher_dir, num_inference_steps)] if teacher_dir is not None else []
+    runs += [
+        (f"student, {steps} step{'s' * (steps != 1)}" if several else "student", model_dir, steps)
+        for steps in (student_steps or [num_inference_steps])
+    ]
     if fresh_images:
-        for name, _ in models:
-            delete_generated_images(out_dir / "images" / name)
+        for name, _, _ in runs:
+            delete_generated_images(out_dir / "images" / _folder_name(name))
 
     if reference is not None and not is_npz_reference(reference):
         reference_images(reference, image_column)  # bad input fails before any network loads
@@ -204,19 +222,27 @@ def evaluate(
     samples: dict[str, GeneratedImages] = {}
     features: dict[str, torch.Tensor] = {}
     fid_scores: dict[str, FIDScore] = {}
-    for name, model in models:
-        fingerprint = _folder_fingerprint(model)
-        pipeline = load_pipeline(model, device, dtype)
+    loaded: tuple[Any, DiffusionPipeline, str] | None = None
+    for name, model, steps in runs:
+        if loaded is None or loaded[0] is not model:  # one load for all of a model's rows
+            loaded = pipeline = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            pipeline = load_pipeline(model, device, dtype)
+            fingerprint = _folder_fingerprint(model) or pipeline_fingerprint(pipeline)
+            loaded = (model, pipeline, fingerprint)
+        _, pipeline, fingerprint = loaded
         images = generate_images(
             pipeline,
             prompt_list,
-            out_dir / "images" / name,
+            out_dir / "images" / _folder_name(name),
             base_seed=seed,
             batch_size=batch_size,
-            fingerprint=fingerprint or pipeline_fingerprint(pipeline),
+            fingerprint=fingerprint,
             progress=progress,
             desc=f"generate {name}",
-            **generation,
+            **(generation | {"num_inference_steps": steps}),
         )
         samples[name] = images
         if progress:
@@ -238,6 +264,7 @@ def evaluate(
             quality.update(_in_domain(judge, images, inception_score_splits, seed))
         metrics = {key: _with_seeds(result, seeds_text) for key, result in quality.items()}
         metrics.update(model_size(pipeline.unet))
+        metrics["unet_evals"] = unet_evaluations(pipeline, images.settings)
         metrics.update(_latencies(pipeline, images, seed, speed_warmup, speed_repeats))
         rows.append(
             ReportRow(
@@ -246,22 +273,25 @@ def evaluate(
                 source=_describe(model),
                 fingerprint=images.fingerprint,
                 generation=_generation_info(images),
+                model=name.split(",")[0],
+                steps=steps,
             )
         )
-        del pipeline
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    loaded = pipeline = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     comparisons: dict[str, MetricResult] = {}
     if teacher_dir is not None:
-        rows[-1].metrics["fidelity_fid"] = _fidelity(
-            features, inception_missing, bootstrap, seeds_text
-        )
-        if set(fid_scores) == {"teacher", "student"}:
-            comparisons["fid_student_minus_teacher"] = _difference(fid_scores)
+        for row in rows[1:]:
+            row.metrics["fidelity_fid"] = _fidelity(
+                features, row.name, inception_missing, bootstrap, seeds_text
+            )
+            if {"teacher", row.name} <= set(fid_scores):
+                comparisons[_difference_key(row.name)] = _difference(fid_scores, row.name)
     rows.extend(result.as_report_row() for result in published)
-    resolved = samples["student"].settings  # the actual height and width, not None
+    resolved = samples[runs[-1][0]].settings  # the actual height and width, not None
     settings = {
         "prompts": str(prompts) if isinstance(prompts, str | Path) else "list",
         "num_images": n,
@@ -272,6 +302,7 @@ def evaluate(
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         **generation,
+        "student_steps": list(student_steps) if student_steps else None,
         "height": resolved["height"],
         "width": resolved["width"],
         "batch_size": batch_size,
@@ -288,6 +319,7 @@ def evaluate(
         grid=_grid(samples),
         notes=_notes(n, seed, bootstrap_resamples, judge, comparisons, rows),
         comparisons=comparisons,
+        plot=fid_latency_plot(rows),
     )
 
 
@@ -388,14 +420,15 @@ def _judge_setting(judge: FashionClassifier | MetricResult | None) -> dict[str, 
 
 def _fidelity(
     features: dict[str, torch.Tensor],
+    name: str,
     inception_missing: MetricResult | None,
     bootstrap: dict[str, int],
     seeds_text: str,
 ) -> MetricResult:
-    """FID between the student's and the teacher's images (same prompts and seeds)."""
+    """FID between row `name`'s images and the teacher's (same prompts and seeds)."""
     if inception_missing is not None:
         return inception_missing
-    score = score_pair(features["student"], features["teacher"], **bootstrap)
+    score = score_pair(features[name], features["teacher"], **bootstrap)
     detail = (
         f"{score.n} student vs {score.n} teacher images, pairwise the same prompt and seed; "
         "TF-Inception pool3; paired: each draw takes the same images from both sets"
@@ -403,18 +436,29 @@ def _fidelity(
     return _with_seeds(score.metric(detail), seeds_text)
 
 
-def _difference(fid_scores: dict[str, FIDScore]) -> MetricResult:
-    """Student FID minus teacher FID, with the interval of the paired resampled differences."""
-    teacher, student = fid_scores["teacher"], fid_scores["student"]
+def _difference_key(name: str) -> str:
+    """ "fid_student_minus_teacher" (what `distill export` and the model card read), or with
+    several student rows, "fid_student_4_steps_minus_teacher"."""
+    return "fid_" + name.replace(",", "").replace(" ", "_") + "_minus_teacher"
+
+
+def _difference(fid_scores: dict[str, FIDScore], name: str) -> MetricResult:
+    """Row `name`'s FID minus the teacher's, with the interval of the paired differences."""
+    teacher, student = fid_scores["teacher"], fid_scores[name]
     if teacher.bootstrap is None or student.bootstrap is None:
         return MetricResult(student.value - teacher.value, teacher.n, "no interval computed")
     difference = difference_interval(teacher.bootstrap, student.bootstrap)
     return MetricResult(
         value=difference.point,
         n=teacher.n,
-        detail=f"student FID − teacher FID, the same draws for both; {difference.describe()}",
+        detail=f"{name} FID − teacher FID, the same draws for both; {difference.describe()}",
         interval=difference.interval,
     )
+
+
+def _folder_name(name: str) -> str:
+    """images/<this>: "student", or "student-4-steps" for a row at one of several step counts."""
+    return name.replace(", ", "-").replace(" ", "-")
 
 
 def _notes(
@@ -436,16 +480,19 @@ def _notes(
             else "No bootstrap intervals were asked for."
         )
     ]
-    difference = comparisons.get("fid_student_minus_teacher")
-    if difference is not None and difference.interval is not None:
+    for row in rows:
+        difference = comparisons.get(_difference_key(row.name))
+        if difference is None or difference.interval is None:
+            continue
         low, high = difference.interval
         verdict = (
             "the interval excludes 0: at this n the two FIDs differ"
             if low > 0 or high < 0
             else "the interval includes 0: at this n the two FIDs cannot be told apart"
         )
+        label = "Student" if row.name == "student" else row.name[0].upper() + row.name[1:]
         notes.append(
-            f"Student − teacher FID: {difference.value:+.2f} [{low:+.2f}, {high:+.2f}] "
+            f"{label} − teacher FID: {difference.value:+.2f} [{low:+.2f}, {high:+.2f}] "
             f"(paired draws, n = {n}); {verdict}."
         )
     if isinstance(judge, FashionClassifier):
@@ -516,7 +563,7 @@ def _latencies(
     return {
         "unet_latency": unet_step_latency(
             pipeline.unet,
-            batch_size=2 if settings["guidance_scale"] > 1 else 1,  # CFG doubles the batch
+            batch_size=2 if uses_classifier_free_guidance(pipeline, settings) else 1,
             sample_size=settings["height"] // pipeline.vae_scale_factor,
             seed=seed,
             warmup=warmup,
@@ -544,17 +591,17 @@ def _with_seeds(result: MetricResult, seeds_text: str) -> MetricResult:
 
 
 def _grid(samples: dict[str, GeneratedImages]) -> GridInfo | None:
-    """Teacher row above student row, first GRID_COLUMNS prompts (same seeds in both rows)."""
-    if set(samples) != {"teacher", "student"}:
+    """The teacher's row above each student row, first GRID_COLUMNS prompts (same seeds)."""
+    if "teacher" not in samples or len(samples) < 2:
         return None
-    count = min(GRID_COLUMNS, len(samples["student"].paths))
+    names = list(samples)  # the teacher first, as generated
+    count = min(GRID_COLUMNS, len(samples[names[-1]].paths))
     rows = [
-        [Image.open(path).convert("RGB") for path in samples[name].paths[:count]]
-        for name in ("teacher", "student")
+        [Image.open(path).convert("RGB") for path in samples[name].paths[:count]] for name in names
     ]
-    prompts = samples["student"].prompts[:count]
-    image = make_comparison_grid(rows[0], rows[1], [f"{i + 1}" for i in range(count)])
-    return GridInfo(image=image, prompts=prompts, seeds=samples["student"].seeds[:count])
+    image = make_comparison_grid(rows, names, [f"{i + 1}" for i in range(count)])
+    first = samples[names[-1]]
+    return GridInfo(image, first.prompts[:count], first.seeds[:count], tuple(names))
 
 
 def _describe(thing: Any) -> str:

@@ -37,6 +37,7 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
 )
 from PIL import Image
@@ -55,6 +56,7 @@ SCHEDULERS = {
     "ddim": DDIMScheduler,
     "euler": EulerDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
+    "lcm": LCMScheduler,
 }
 # SD v1.x ships PNDM with `skip_prk_steps=True` (PLMS steps only; what BK-SDM ran). Built from
 # another scheduler's config, PNDM would default to Runge-Kutta warm-up steps (extra UNet calls).
@@ -86,6 +88,23 @@ class GeneratedImages:
 
 def image_path(folder: str | Path, index: int) -> Path:
     return Path(folder) / f"{index:06d}.png"
+
+
+def reads_guidance_embedding(pipeline: DiffusionPipeline) -> bool:
+    """A few-step (consistency) student: its UNet reads the guidance scale through an embedding
+    (`time_cond_proj_dim`), so it samples in one pass per step, without classifier-free guidance."""
+    return getattr(pipeline.unet.config, "time_cond_proj_dim", None) is not None
+
+
+def sampler_name(pipeline: DiffusionPipeline, requested: str) -> str:
+    """The scheduler a pipeline is sampled with: `requested`, except that a few-step student
+    keeps its own (the one its stage kind saved with it, LCMScheduler): PNDM would sample it as
+    a 25-step model and ruin it."""
+    if reads_guidance_embedding(pipeline):
+        own = {cls: name for name, cls in SCHEDULERS.items()}.get(type(pipeline.scheduler))
+        if own is not None:
+            return own
+    return requested
 
 
 def scheduler_for(pipeline: DiffusionPipeline, name: str) -> Any:
@@ -131,7 +150,8 @@ def generate_images(
     """Generate `prompts[i]` with seed `base_seed + i` into `out_dir/{i:06d}.png`, keeping files
     that this model made with these settings. `height`/`width` default to the pipeline's native
     size; `output_size` resizes the saved images to squares of that side (BK-SDM: 512 → 256). The
-    pipeline's scheduler is swapped for `scheduler` during the call and restored after it.
+    pipeline's scheduler is swapped for `scheduler` during the call and restored after it (a
+    few-step student keeps its own: `sampler_name`; the manifest records the one used).
 
     `fingerprint` identifies the weights (`core.fingerprints.pipeline_fingerprint` of the folder
     the pipeline was loaded from); None hashes the loaded pipeline's components instead."""
@@ -139,6 +159,7 @@ def generate_images(
         raise UserInputError("no prompts to generate images for")
     if batch_size < 1:
         raise UserInputError(f"batch_size must be positive, got {batch_size}")
+    scheduler = sampler_name(pipeline, scheduler)
     native = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     # Everything that changes the pixels; batch_size too, since batches are fixed by index.
     settings = {

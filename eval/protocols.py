@@ -61,6 +61,8 @@ class EvalProtocol:
     inception_score_splits: int
     reference_description: str
     published: tuple[PublishedResult, ...] = field(default=())
+    # The student's step counts, one row each (the teacher at num_inference_steps); None: one.
+    student_steps: tuple[int, ...] | None = None
 
     def evaluate_kwargs(self) -> dict[str, Any]:
         """The `evaluate(...)` keyword arguments this protocol fixes."""

@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from core.fingerprints import metrics_fingerprints  # noqa: F401  (re-exported)
+from eval.plots import Figure
 from eval.results import MetricResult
 
 GRID_FILE = "comparison_grid.png"
@@ -49,6 +50,7 @@ COLUMNS = (
     Column("in_domain_is", "IS (in-domain) ↑", lambda v: f"{v:.2f}", optional=True),
     Column("params", "UNet params", lambda v: f"{v / 1e6:.4g}M"),
     Column("gflops", "GFLOPs", lambda v: f"{v:.4g}"),
+    Column("unet_evals", "UNet evals / image", lambda v: f"{v:.0f}", optional=True),
     Column("unet_latency", "UNet s/step", lambda v: f"{v:.4f}"),
     Column("pipeline_latency", "pipeline s/image", lambda v: f"{v:.3f}"),
 )
@@ -65,10 +67,14 @@ class ReportRow:
     source: str = ""
     fingerprint: str | None = None
     generation: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None  # "teacher" or "student" (a student has a row per step count)
+    steps: int | None = None  # sampling steps of this row's images
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "name": self.name,
+            "model": self.model,
+            "steps": self.steps,
             "source": self.source,
             "fingerprint": self.fingerprint,
             "metrics": {key: result.to_dict() for key, result in self.metrics.items()},
@@ -86,6 +92,8 @@ class ReportRow:
             source=data.get("source", ""),
             fingerprint=data.get("fingerprint"),
             generation=data.get("generation") or {},
+            model=data.get("model"),
+            steps=data.get("steps"),
         )
 
 
@@ -174,10 +182,12 @@ def write_report(
     grid: GridInfo | None = None,
     notes: Sequence[str] = (),
     comparisons: dict[str, MetricResult] | None = None,
+    plot: Figure | None = None,
 ) -> dict[str, Any]:
-    """Write `metrics.json`, `report.md` (and the grid PNG) into `out_dir`; return the json data.
-    `notes` are paragraphs shown under the table (sample sizes, seeds, the in-domain judge);
-    `comparisons` are results about two rows at once (the student-minus-teacher FID)."""
+    """Write `metrics.json`, `report.md` (and the grid and plot PNGs) into `out_dir`; return the
+    json data. `notes` are paragraphs shown under the table (sample sizes, seeds, the in-domain
+    judge); `comparisons` are results about two rows at once (the student-minus-teacher FID);
+    `plot` is shown after the notes (FID against latency)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {
@@ -189,6 +199,10 @@ def write_report(
     if comparisons:
         data["comparisons"] = {key: result.to_dict() for key, result in comparisons.items()}
     sections = [f"# {title}", markdown_table(rows), *notes]
+    if plot is not None:
+        plot.figure.savefig(out_dir / plot.file, dpi=120, bbox_inches="tight")
+        data["plot"] = {"file": plot.file, "caption": plot.caption}
+        sections.append(f"![{plot.caption}]({plot.file})\n\n{plot.caption}")
     sections += ["## How each number was measured", measurement_notes(rows)]
     if settings:
         sections.append("## Settings\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in settings.items()))
@@ -210,28 +224,29 @@ def write_report(
 
 
 def make_comparison_grid(
-    teacher_images: Sequence[Image.Image],
-    student_images: Sequence[Image.Image],
+    rows: Sequence[Sequence[Image.Image]],
+    row_names: Sequence[str],
     labels: Sequence[str],
     *,
-    row_names: Sequence[str] = ("teacher", "student"),
     label_height: int = 14,
 ) -> Image.Image:
-    """Teacher images in the top row, student images below, column `i` captioned `labels[i]`
-    (cut to fit) and each row named on the left. Images are shown at the teacher's image size."""
-    if not (len(teacher_images) == len(student_images) == len(labels)) or not labels:
-        raise ValueError("need one teacher image, one student image and one label per column")
-    width, height = teacher_images[0].size
+    """One row of images per model (the teacher's first), column `i` captioned `labels[i]` (cut
+    to fit) and each row named on the left. Images are shown at the first row's image size."""
+    if not labels or len(rows) != len(row_names) or any(len(r) != len(labels) for r in rows):
+        raise ValueError("need one name per row and one image per row and label")
+    width, height = rows[0][0].size
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     name_width = 4 + max(int(probe.textlength(name, font=font)) for name in row_names)
-    grid = Image.new("RGB", (name_width + width * len(labels), label_height + 2 * height), "white")
+    grid = Image.new(
+        "RGB", (name_width + width * len(labels), label_height + len(rows) * height), "white"
+    )
     draw = ImageDraw.Draw(grid)
     for column, label in enumerate(labels):
         x = name_width + column * width
         draw.text((x + 1, 1), _fit(label, width - 2, draw, font), fill="black", font=font)
-        for row, image in enumerate((teacher_images[column], student_images[column])):
-            tile = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+        for row, images in enumerate(rows):
+            tile = images[column].convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
             grid.paste(tile, (x, label_height + row * height))
     for row, name in enumerate(row_names):
         draw.text((2, label_height + row * height + height // 2 - 5), name, fill="black", font=font)

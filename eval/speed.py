@@ -52,6 +52,25 @@ def model_size(unet: UNet2DConditionModel) -> dict[str, MetricResult]:
     }
 
 
+def uses_classifier_free_guidance(pipeline: DiffusionPipeline, settings: dict[str, Any]) -> bool:
+    """Whether sampling runs the UNet twice per step (conditional and unconditional): guidance
+    above 1, unless the UNet reads the guidance through an embedding (a few-step student)."""
+    embedded = getattr(pipeline.unet.config, "time_cond_proj_dim", None) is not None
+    return settings["guidance_scale"] > 1 and not embedded
+
+
+def unet_evaluations(pipeline: DiffusionPipeline, settings: dict[str, Any]) -> MetricResult:
+    """UNet evaluations per image: steps × 2 with classifier-free guidance, × 1 without (the
+    number that, with the UNet's size, sets latency on any hardware)."""
+    steps = settings["num_inference_steps"]
+    if uses_classifier_free_guidance(pipeline, settings):
+        how = "2 each: classifier-free guidance (conditional and unconditional)"
+        return MetricResult(2 * steps, None, f"{steps} steps × {how}")
+    embedded = getattr(pipeline.unet.config, "time_cond_proj_dim", None) is not None
+    how = "guidance through the embedding, one pass" if embedded else "no guidance, one pass"
+    return MetricResult(steps, None, f"{steps} steps × 1 ({how})")
+
+
 def unet_step_latency(
     unet: UNet2DConditionModel,
     *,

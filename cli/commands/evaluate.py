@@ -40,7 +40,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-images", type=int, help="images per model")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--clip-model", help="transformers id/folder or open_clip:NAME[:TAG]")
-    parser.add_argument("--steps", type=int, help="inference steps")
+    parser.add_argument(
+        "--steps",
+        type=_step_counts,
+        help="inference steps; several (1,2,4,8) score the student at each, one row each, the "
+        "teacher at --teacher-steps",
+    )
+    parser.add_argument(
+        "--teacher-steps", type=int, help="the teacher's steps when --steps lists several"
+    )
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, help="image i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -101,6 +109,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _step_counts(text: str) -> list[int]:
+    """`25` or `1,2,4,8`: positive step counts, each once, in the order given."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a step count or a list like 1,2,4,8"
+        ) from None
+    if any(count < 1 for count in counts) or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: step counts must be positive and distinct")
+    return counts
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """The protocol's settings (if any), overridden by explicit flags."""
     settings: dict[str, Any] = {
@@ -116,12 +137,15 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         from eval.protocols import get_protocol
 
         settings |= get_protocol(args.protocol).evaluate_kwargs()
+    steps = args.steps or []
+    several = len(steps) > 1
     explicit = {
         "prompts": args.prompts,
         "num_images": args.num_images,
         "clip_model": args.clip_model,
         "seed": args.seed,
-        "num_inference_steps": args.steps,
+        "num_inference_steps": args.teacher_steps if several else (steps or [None])[0],
+        "student_steps": tuple(steps) if several else None,
         "guidance_scale": args.guidance,
         "inception_score_splits": args.is_splits,
         "reference_resize": args.reference_resize,

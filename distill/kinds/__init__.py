@@ -2,6 +2,7 @@
 
 - `distill` (default): the student UNet against the target and an optional frozen teacher,
   through the stage's loss blocks.
+- `consistency`: latent consistency distillation, a few-step student of any UNet.
 - `autoencoder` (the offline world's, by entry point): a VAE on the data's pixels.
 """
 
@@ -13,6 +14,7 @@ from distill.kinds.base import (
     StageSetup,
     ValidationSettings,
 )
+from distill.kinds.consistency import ConsistencyKind, ConsistencyOptions
 from distill.kinds.distill import DistillKind
 from distill.kinds.latent import LatentStageKind
 from distill.kinds.registry import (
@@ -26,6 +28,8 @@ from distill.kinds.registry import (
 __all__ = [
     "DEFAULT_KIND",
     "STAGE_KINDS",
+    "ConsistencyKind",
+    "ConsistencyOptions",
     "DistillKind",
     "KindOptions",
     "LatentStageKind",

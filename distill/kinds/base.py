@@ -139,6 +139,12 @@ class StageKind:
         is assembled even when its last stage finished in an earlier process)."""
         return pipeline
 
+    @classmethod
+    def usage(cls, options: KindOptions) -> dict[str, Any]:
+        """Pipeline-call arguments its student should be sampled with (the model card says
+        them); empty: the pipeline's usual defaults."""
+        return {}
+
     def sample_grid(
         self, model: nn.Module, path: Path, settings: ValidationSettings
     ) -> Path | None:

@@ -20,7 +20,7 @@ from torch import nn
 from distill.kinds.base import StageKind, StageRows, StageSetup, ValidationSettings
 from distill.step import NoisyBatch, noise_batch
 from distill.step_randomness import sample_generator
-from distill.validation import save_validation_grid
+from distill.validation import GridRow, save_validation_grid
 
 
 class LatentStageKind(StageKind):
@@ -59,22 +59,25 @@ class LatentStageKind(StageKind):
     def sample_grid(
         self, model: nn.Module, path: Path, settings: ValidationSettings
     ) -> Path | None:
-        """The stage teacher's row (if any) above the student's, same prompts and seeds, each
-        sampled as this kind samples (`sampling`)."""
+        """The stage teacher's row (if any) above the student's, same prompts and seeds; each
+        row sampled as its model samples (`grid_rows`)."""
         if not settings.prompts or not isinstance(model, UNet2DConditionModel):
             return None
-        components, rows = self.setup.components, {}
-        if self.setup.teacher is not None:
-            rows[f"teacher {self.setup.teacher_key}"] = components.with_unet(
-                self.setup.teacher.unet
-            )
-        rows["student"] = self.sampling(components.with_unet(model), self.setup.options)
         return save_validation_grid(
-            rows,
+            self.grid_rows(model, settings),
             settings.prompts,
             path,
             seed=settings.seed,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
             device=self.setup.device,
         )
+
+    def grid_rows(self, model: UNet2DConditionModel, settings: ValidationSettings) -> dict:
+        components, rows = self.setup.components, {}
+        teacher = self.setup.teacher
+        if teacher is not None:
+            rows[f"teacher {self.setup.teacher_key}"] = GridRow(
+                components.with_unet(teacher.unet), settings.steps, settings.guidance
+            )
+        student = self.sampling(components.with_unet(model), self.setup.options)
+        rows["student"] = GridRow(student, settings.steps, settings.guidance)
+        return rows

@@ -15,10 +15,13 @@ from typing import Any
 
 from core import plugins
 from distill.kinds.base import KindOptions, StageKind
+from distill.kinds.consistency import ConsistencyKind
 from distill.kinds.distill import DistillKind
 
 DEFAULT_KIND = DistillKind.name
-STAGE_KINDS: dict[str, type[StageKind]] = {kind.name: kind for kind in (DistillKind,)}
+STAGE_KINDS: dict[str, type[StageKind]] = {
+    kind.name: kind for kind in (DistillKind, ConsistencyKind)
+}
 
 
 def register_stage_kind(kind: type[StageKind]) -> type[StageKind]:

@@ -6,12 +6,14 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cli import main
 from core.errors import UserInputError
 from distill.plan import plan_run
 from distill.recipe import apply_override, load_recipe, resolve_paths, validate_recipe
+from distill.stage import make_optimizer
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -58,6 +60,21 @@ def test_valid_recipe_has_defaults_filled_in() -> None:
     similarity = recipe.stages[1].losses["similarity"]
     assert similarity.layer_pairs is None and similarity.max_positions == 64
     assert recipe.stages[1].gradient_accumulation == 1
+
+
+def test_a_stage_weight_decay_overrides_the_runs_in_its_optimizer() -> None:
+    raw = copy.deepcopy(VALID)
+    raw["training"] = {"weight_decay": 0.05}
+    raw["stages"][1]["weight_decay"] = 0.0
+    recipe = validate_recipe(raw)
+    model = torch.nn.Linear(2, 2)
+    decays = [
+        make_optimizer(model, stage.lr, recipe.training, stage.weight_decay).param_groups[0][
+            "weight_decay"
+        ]
+        for stage in recipe.stages
+    ]
+    assert decays == [0.05, 0.0]
 
 
 def test_unknown_key_is_named_with_its_path() -> None:

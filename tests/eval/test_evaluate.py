@@ -234,3 +234,57 @@ def test_bk_sdm_protocol_is_complete_evaluate_configuration() -> None:
     assert get_protocol("bk-sdm-coco30k") is BK_SDM_COCO30K
     with pytest.raises(UserInputError, match="unknown evaluation protocol"):
         get_protocol("nope")
+
+
+def test_a_student_scored_at_several_step_counts_gets_a_row_each_and_a_latency_plot(
+    tmp_path: Path, teacher_pipeline, student_pipeline
+) -> None:
+    """One row per step count of the student, on the same prompts and seeds; UNet evaluations
+    per image are steps × 2 with classifier-free guidance, steps × 1 for a few-step student
+    reading its guidance through an embedding (kept on its own LCMScheduler); FID against
+    pipeline latency is plotted."""
+    from diffusers import LCMScheduler
+
+    from distill.kinds.consistency import with_guidance_embedding
+
+    reference = real_reference(tmp_path / "reference", 8)
+    few_step = with_guidance_embedding(student_pipeline.unet, 32)
+    lcm = type(student_pipeline)(
+        **{
+            **student_pipeline.components,
+            "unet": few_step,
+            "scheduler": LCMScheduler.from_config(student_pipeline.scheduler.config),
+        },
+    )
+    options = QUICK | {"inception_score_splits": 1, "bootstrap_resamples": 0}
+    data = evaluate(
+        lcm,
+        teacher_pipeline,
+        PROMPTS * 2,
+        None,
+        reference,
+        tmp_path / "out",
+        student_steps=[1, 2],
+        **options,
+    )
+    names = [row["name"] for row in data["rows"]]
+    assert names == ["teacher", "student, 1 step", "student, 2 steps"]
+    evals = {row["name"]: row["metrics"]["unet_evals"]["value"] for row in data["rows"]}
+    assert evals == {"teacher": 2 * 2, "student, 1 step": 1, "student, 2 steps": 2}
+    for row in data["rows"][1:]:
+        manifest = json.loads(
+            (
+                tmp_path
+                / "out"
+                / "images"
+                / row["name"].replace(", ", "-").replace(" ", "-")
+                / "manifest.json"
+            ).read_text()
+        )
+        assert manifest["settings"]["scheduler"] == "lcm"  # its own, not the protocol's PNDM
+        assert manifest["settings"]["num_inference_steps"] == row["steps"]
+        assert [image["seed"] for image in manifest["images"]] == list(range(8))
+        assert row["metrics"]["fidelity_fid"]["value"] >= 0
+    assert metrics_fingerprints(data).keys() == {"teacher", "student"}
+    assert (tmp_path / "out" / "fid_latency.png").is_file() and data["plot"]["file"]
+    assert "fid_latency.png" in (tmp_path / "out" / "report.md").read_text()

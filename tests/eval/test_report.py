@@ -95,7 +95,11 @@ def test_bk_sdm_published_numbers_become_reference_rows() -> None:
 
 def test_comparison_grid_puts_teacher_above_student(tmp_path: Path) -> None:
     red, blue = Image.new("RGB", (16, 16), "red"), Image.new("RGB", (16, 16), "blue")
-    grid = make_comparison_grid([red, red, red], [blue, blue, blue], ["cat", "dog", "a long label"])
+    grid = make_comparison_grid(
+        [[red, red, red], [blue, blue, blue]],
+        ["teacher", "student"],
+        ["cat", "dog", "a long label"],
+    )
     label_height = 14
     assert grid.height == label_height + 2 * 16
     array = np.asarray(grid)
