@@ -30,7 +30,7 @@ from distill.recipe import validate_recipe
 from distill.trainer import DistillationTrainer
 from offline.teacher import TeacherSettings, untrained_pipeline
 from offline.tiny_models import SD_SCHEDULE
-from testkit.tiny_world import make_tiny_pipeline, tiny_recipe
+from testkit.tiny_world import tiny_recipe
 from testkit.unets import make_tiny_teacher
 
 SCHEDULER = DDPMScheduler(**SD_SCHEDULE)
@@ -114,12 +114,6 @@ def test_the_new_guidance_projection_starts_at_zero_so_the_student_is_itself() -
         before = unet(x, t, text).sample
         after = student(x, t, text, timestep_cond=embedding).sample
     assert torch.equal(after, before)
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("teachers")
-    return {"a": make_tiny_pipeline(root / "a", 1), "b": make_tiny_pipeline(root / "b", 2)}
 
 
 def _recipe(tmp_path: Path, teachers: dict, steps: int = 4, **options) -> dict:

@@ -12,7 +12,7 @@ from core.errors import UserInputError
 from distill.losses import build_losses, validate_loss_blocks
 from distill.preflight import check_loss_shapes
 from students import build_student
-from testkit.tiny_world import make_tiny_pipeline, tiny_recipe
+from testkit.tiny_world import tiny_recipe
 from testkit.unets import make_tiny_sd_v1_4
 
 
@@ -63,12 +63,6 @@ def test_default_pairs_of_every_feature_loss_pass(configs) -> None:
 def test_a_bad_pair_is_named_with_its_key_and_shapes(configs, block, message) -> None:
     with pytest.raises(UserInputError, match=message):
         _check(configs, block)
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("teachers")
-    return {"a": make_tiny_pipeline(root / "a", 1), "b": make_tiny_pipeline(root / "b", 2)}
 
 
 @pytest.mark.parametrize(

@@ -20,20 +20,11 @@ import distill.step_randomness
 from distill.recipe import validate_recipe
 from distill.trainer import DistillationTrainer
 from testkit.recorded_run import load_record, logged_records, mismatches, recorded_values
-from testkit.tiny_world import make_tiny_pipeline, recorded_recipe
+from testkit.tiny_world import recorded_recipe
 
 pytestmark = pytest.mark.e2e  # five seeded runs: `make test-e2e`
 
 STAGES = 2  # denoise (task) and soft_labels (task + output KD): 6 of the record's 11 steps
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("teachers")
-    return {
-        "a": make_tiny_pipeline(root / "a", seed=1),
-        "b": make_tiny_pipeline(root / "b", seed=2),
-    }
 
 
 def _timesteps_off_by_one(monkeypatch, raw: dict) -> None:

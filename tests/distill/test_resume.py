@@ -32,12 +32,6 @@ from testkit.tiny_world import make_tiny_pipeline, tiny_recipe
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
 
 
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("teachers")
-    return {"a": make_tiny_pipeline(root / "a", 1), "b": make_tiny_pipeline(root / "b", 2)}
-
-
 def _write_recipe(raw: dict, path: Path) -> Path:
     path.write_text("# test recipe\n" + yaml.safe_dump(raw))
     return path

@@ -21,7 +21,7 @@ from distill.kinds import STAGE_KINDS, KindOptions, LatentStageKind, register_st
 from distill.recipe import validate_recipe
 from distill.taps import unwrap_model
 from distill.trainer import DistillationTrainer
-from testkit.tiny_world import make_tiny_pipeline, tiny_recipe
+from testkit.tiny_world import tiny_recipe
 
 
 class MeanTeacherKind(LatentStageKind):
@@ -68,12 +68,6 @@ def mean_teacher_kind():
     register_stage_kind(MeanTeacherKind)  # the one registry line
     yield MeanTeacherKind
     del STAGE_KINDS[MeanTeacherKind.name]
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("teachers")
-    return {"a": make_tiny_pipeline(root / "a", 1), "b": make_tiny_pipeline(root / "b", 2)}
 
 
 def _recipe(tmp_path: Path, teachers: dict[str, Path], steps: int = 4) -> dict:

@@ -19,15 +19,6 @@ from testkit.recorded_run import load_record, mismatches, recorded_values
 from testkit.tiny_world import make_tiny_pipeline, recorded_recipe, tiny_recipe
 
 
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("teachers")
-    return {
-        "a": make_tiny_pipeline(root / "a", seed=1),
-        "b": make_tiny_pipeline(root / "b", seed=2),
-    }
-
-
 def _train(raw: dict, **kwargs) -> DistillationTrainer:
     trainer = DistillationTrainer(validate_recipe(raw), progress=False, **kwargs)
     trainer.train()
