@@ -38,6 +38,27 @@ class NoisyBatch:
     prediction_type: str = "epsilon"
 
 
+def clean_latents_and_noise(
+    latent_mean: Tensor,
+    latent_std: Tensor,
+    generators: Sequence[torch.Generator],
+    scaling_factor: float,
+    shift_factor: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """The first two draws of every sample's generator, for every stage kind that noises
+    latents: a sample of its cached VAE posterior (scaled, z_0) and its noise, each (B, C, h, w)."""
+    latents = sample_latents(
+        latent_mean.to(dtype),
+        latent_std.to(dtype),
+        scaling_factor,
+        list(generators),
+        shift_factor=shift_factor,
+    )
+    noise = randn_tensor(latents.shape, generator=list(generators), dtype=dtype)
+    return latents, noise
+
+
 def noise_batch(
     latent_mean: Tensor,
     latent_std: Tensor,
@@ -63,14 +84,9 @@ def noise_batch(
         same on any device and for any split of the global batch over processes.
     dtype: of the latents, noise and target (the run's weights dtype, `distill.precision`).
     """
-    latents = sample_latents(
-        latent_mean.to(dtype),
-        latent_std.to(dtype),
-        scaling_factor,
-        list(generators),
-        shift_factor=shift_factor,
-    )  # (B, C, h, w)
-    noise = randn_tensor(latents.shape, generator=list(generators), dtype=dtype)  # (B, C, h, w)
+    latents, noise = clean_latents_and_noise(
+        latent_mean, latent_std, generators, scaling_factor, shift_factor, dtype
+    )
     num_timesteps = scheduler.config.num_train_timesteps
     timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in generators])
     drop = torch.cat([torch.rand(1, generator=g) for g in generators]) < uncond_prob  # (B,)

@@ -600,8 +600,8 @@ def _grid(samples: dict[str, GeneratedImages]) -> GridInfo | None:
         [Image.open(path).convert("RGB") for path in samples[name].paths[:count]] for name in names
     ]
     image = make_comparison_grid(rows, names, [f"{i + 1}" for i in range(count)])
-    first = samples[names[-1]]
-    return GridInfo(image, first.prompts[:count], first.seeds[:count], tuple(names))
+    last = samples[names[-1]]  # every row has the same prompts and seeds
+    return GridInfo(image, last.prompts[:count], last.seeds[:count], tuple(names))
 
 
 def _describe(thing: Any) -> str:

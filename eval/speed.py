@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-from eval.generate import using_scheduler
+from eval.generate import reads_guidance_embedding, using_scheduler
 from eval.results import MetricResult
 from students.cost import count_params, dummy_unet_inputs, forward_gflops
 
@@ -55,8 +55,7 @@ def model_size(unet: UNet2DConditionModel) -> dict[str, MetricResult]:
 def uses_classifier_free_guidance(pipeline: DiffusionPipeline, settings: dict[str, Any]) -> bool:
     """Whether sampling runs the UNet twice per step (conditional and unconditional): guidance
     above 1, unless the UNet reads the guidance through an embedding (a few-step student)."""
-    embedded = getattr(pipeline.unet.config, "time_cond_proj_dim", None) is not None
-    return settings["guidance_scale"] > 1 and not embedded
+    return settings["guidance_scale"] > 1 and not reads_guidance_embedding(pipeline)
 
 
 def unet_evaluations(pipeline: DiffusionPipeline, settings: dict[str, Any]) -> MetricResult:
@@ -66,7 +65,7 @@ def unet_evaluations(pipeline: DiffusionPipeline, settings: dict[str, Any]) -> M
     if uses_classifier_free_guidance(pipeline, settings):
         how = "2 each: classifier-free guidance (conditional and unconditional)"
         return MetricResult(2 * steps, None, f"{steps} steps × {how}")
-    embedded = getattr(pipeline.unet.config, "time_cond_proj_dim", None) is not None
+    embedded = reads_guidance_embedding(pipeline)
     how = "guidance through the embedding, one pass" if embedded else "no guidance, one pass"
     return MetricResult(steps, None, f"{steps} steps × 1 ({how})")
 

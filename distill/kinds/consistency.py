@@ -36,15 +36,14 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, LCMScheduler, UNet2DConditionModel
-from diffusers.utils.torch_utils import randn_tensor
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from core.families import family_of
-from distill.data.cache import sample_latents
 from distill.distributed_state import whole
 from distill.kinds.base import KindOptions, StageSetup, ValidationSettings
 from distill.kinds.latent import LatentStageKind
+from distill.step import clean_latents_and_noise
 from distill.step_randomness import sample_generator
 from distill.taps import unwrap_model
 from distill.teacher import FrozenTeacher
@@ -246,14 +245,14 @@ class ConsistencyKind(LatentStageKind):
         setup, options = self.setup, self.setup.options
         generators = [sample_generator(setup.seed, setup.index, int(p)) for p in batch["positions"]]
         dtype = setup.precision.weights
-        latents = sample_latents(
-            batch["latent_mean"].to(dtype),
-            batch["latent_std"].to(dtype),
-            self.cache.scaling_factor,
+        latents, noise = clean_latents_and_noise(
+            batch["latent_mean"],
+            batch["latent_std"],
             generators,
-            shift_factor=self.cache.shift_factor,
+            self.cache.scaling_factor,
+            self.cache.shift_factor,
+            dtype,
         )
-        noise = randn_tensor(latents.shape, generator=generators, dtype=dtype)
         count = options.num_ddim_timesteps
         index = torch.cat([torch.randint(0, count, (1,), generator=g) for g in generators])
         w = torch.cat([torch.rand(1, generator=g) for g in generators])
