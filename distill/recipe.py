@@ -243,6 +243,20 @@ class Recipe(_Strict):
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override (`key.sub=value`, YAML-typed) and validate a recipe file."""
     path = Path(path)
+    raw = read_raw_recipe(path)
+    for override in overrides or []:
+        apply_override(raw, override)
+    return validate_recipe(raw, source=str(path))
+
+
+def read_raw_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file as a mapping, with its `base:` applied.
+
+    `base: other.yaml` (relative to this file) starts from that recipe; this file's keys replace
+    the base's (mappings merge key by key; lists and values are replaced whole), then its
+    `overrides:` (a list of `key.sub=value`, as on the command line) apply. A variant of a recipe
+    is then the lines that differ, e.g. the three stages with `normalize: teacher`.
+    """
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as error:
@@ -251,9 +265,27 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise UserInputError(f"recipe {str(path)!r} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):
         raise UserInputError(f"recipe {str(path)!r} must be a mapping of keys to values")
-    for override in overrides or []:
-        apply_override(raw, override)
-    return validate_recipe(raw, source=str(path))
+    base, own_overrides = raw.pop("base", None), raw.pop("overrides", [])
+    if not isinstance(own_overrides, list):
+        raise UserInputError(f"recipe {str(path)!r}: overrides must be a list of key.sub=value")
+    if base is not None:
+        base_path = (path.parent / str(base)).resolve()
+        if base_path in _seen:
+            raise UserInputError(f"recipe {str(path)!r}: base {str(base)!r} includes itself")
+        raw = _merged(read_raw_recipe(base_path, (*_seen, path.resolve())), raw)
+    for override in own_overrides:
+        apply_override(raw, str(override))
+    return raw
+
+
+def _merged(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in own.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:

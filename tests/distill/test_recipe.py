@@ -154,12 +154,49 @@ def test_overrides_are_typed_and_reach_list_items() -> None:
         apply_override(raw, "stages")
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(RECIPES.rglob("*.yaml")), ids=lambda p: str(p.relative_to(RECIPES))
+)
 def test_shipped_recipes_validate(path: Path) -> None:
     raw = yaml.safe_load(path.read_text())
     assert path.read_text().startswith("#"), "each recipe starts with the command that runs it"
     if raw.get("kind", "distill") == "distill":
         load_recipe(path)
+
+
+def test_a_recipe_starts_from_its_base_and_applies_its_own_overrides(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(VALID))
+    child = tmp_path / "variants" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text(
+        yaml.safe_dump(
+            {
+                "base": "../base.yaml",
+                "name": "child",
+                "data": {"resolution": 64},  # a mapping merges: data.source stays
+                "overrides": ["stages.1.losses.similarity.normalize=teacher"],
+            }
+        )
+    )
+    recipe = load_recipe(child, ["stages.0.steps=3"])  # the command line's come last
+    assert recipe.name == "child" and recipe.output_dir == "runs/t"
+    assert recipe.data.source == "fashion-mnist" and recipe.data.resolution == 64
+    assert recipe.stages[1].losses["similarity"].normalize == "teacher"
+    assert recipe.stages[0].steps == 3 and recipe.stages[1].steps == 10
+    # A list replaces the base's whole: one stage left.
+    child.write_text(yaml.safe_dump({"base": "../base.yaml", "stages": VALID["stages"][:1]}))
+    assert len(load_recipe(child).stages) == 1
+
+
+def test_a_base_that_includes_itself_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(UserInputError, match="includes itself") as error:
+        load_recipe(tmp_path / "a.yaml")
+    assert "\n" not in str(error.value)
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(UserInputError, match="missing.yaml"):
+        load_recipe(tmp_path / "c.yaml")
 
 
 @pytest.mark.parametrize("name", ["small_sd_v0.yaml", "bk_sdm_base.yaml"])
