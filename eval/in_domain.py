@@ -67,6 +67,14 @@ def _images_uint8(images: Sequence[str | Path | Image.Image], batch_size: int = 
     return uint8_batches(images, batch_size)  # (B, 3, H, W) uint8 batches, decoded as for FID
 
 
+def judged_correct(
+    images: Sequence[str | Path | Image.Image], labels: torch.Tensor, classifier: FashionClassifier
+) -> torch.Tensor:
+    """1.0 where `classifier` labels `images[i]` as class `labels[i]`, else 0.0: (N,) float32."""
+    predicted = torch.cat([classifier.predict(batch) for batch in _images_uint8(images)])  # (N,)
+    return (predicted == labels).float()
+
+
 def class_accuracy(
     images: Sequence[str | Path | Image.Image],
     prompts: Sequence[str],
@@ -79,8 +87,7 @@ def class_accuracy(
         labels = torch.tensor(prompt_classes(prompts))  # (N,)
     except MetricUnavailable as reason:
         return MetricResult.missing(str(reason))
-    predicted = torch.cat([classifier.predict(batch) for batch in _images_uint8(images)])  # (N,)
-    correct = (predicted == labels).float()
+    correct = judged_correct(images, labels, classifier)  # (N,)
     per_class = []
     for label, name in enumerate(FASHION_CLASSES):
         mask = labels == label

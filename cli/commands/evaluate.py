@@ -157,16 +157,22 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _reference(args: argparse.Namespace, settings: dict[str, Any]) -> tuple[Any, int | None]:
-    resize = settings.pop("reference_resize", None)
-    if args.reference != FASHION_TEST_REFERENCE:
-        return args.reference, resize
+    return resolve_reference(args.reference, args.model, settings.pop("reference_resize", None))
+
+
+def resolve_reference(
+    reference: str | None, model: str, resize: int | None = None
+) -> tuple[Any, int | None]:
+    """(the FID reference `evaluate` takes, the size to resize it to): `fashion-mnist-test` is the
+    real test set brought to `model`'s resolution through the same resize path."""
+    if reference != FASHION_TEST_REFERENCE:
+        return reference, resize
     from distill.data import load_image_text_dataset
 
-    # The real test set, brought to the generated images' size through the same resize path.
-    reference = load_image_text_dataset(
+    dataset = load_image_text_dataset(
         "fashion-mnist", split="test", max_samples=FASHION_REFERENCE_SIZE
     )
-    return reference, resize or _model_resolution(args.model)
+    return dataset, resize or _model_resolution(model)
 
 
 def _model_resolution(model: str) -> int | None:

@@ -1,0 +1,160 @@
+"""What a comparison needs of one model, computed once and kept: its images' Inception features
+and, for Fashion-MNIST prompts, whether the judge sees each image's prompted class.
+
+    FOLDER/images/000000.png ...     (eval.generate: reused while the weights and settings hold)
+    FOLDER/scores.safetensors        features (n, 2048) float32, correct (n,) float32; the metadata
+                                     holds the key they were computed under (a hash of the
+                                     weights' fingerprint, the settings, the prompts and the
+                                     Inception weights) and they are recomputed when it differs
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from core.atomic import atomic_path
+from core.families import load_pipeline
+from core.fingerprints import pipeline_fingerprint
+from eval.fid import image_features
+from eval.generate import generate_images
+from eval.in_domain import is_fashion_prompt_set, judged_correct, prompt_classes
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Every setting a comparison's images depend on, the same for each model (a model's own
+    `num_inference_steps` may differ: a few-step student is scored at its step count). `height`,
+    `width` None: the pipeline's native size; `output_size`: resize the saved squares."""
+
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    scheduler: str = "pndm"
+    base_seed: int = 0
+    batch_size: int = 50
+    height: int | None = None
+    width: int | None = None
+    output_size: int | None = None
+
+    def with_steps(self, steps: int | None) -> GenerationSettings:
+        return self if steps is None else replace(self, num_inference_steps=steps)
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """Row i: prompt i, seed base_seed + i. `correct` is None when the prompts are not
+    Fashion-MNIST captions (no in-domain judge applies)."""
+
+    features: torch.Tensor  # (n, 2048) float32
+    correct: torch.Tensor | None  # (n,) float32: 1.0 where the judge agrees with the prompt
+    fingerprint: str
+    settings: dict[str, Any]
+
+
+def score_model(
+    model: str | Path,
+    folder: str | Path,
+    prompts: Sequence[str],
+    settings: GenerationSettings,
+    *,
+    inception: Any,
+    inception_key: str,
+    judge: Any | None,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "model",
+) -> ModelScores:
+    """`model`'s scores on `prompts`, from FOLDER when they were computed under the same key."""
+    folder = Path(folder)
+    fingerprint = pipeline_fingerprint(model)
+    key = _key(fingerprint, settings, prompts, inception_key, judge)
+    cached = _load(folder / "scores.safetensors", key)
+    if cached is not None:
+        return cached
+    pipeline = load_pipeline(model, torch.float32).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    images = generate_images(
+        pipeline,
+        list(prompts),
+        folder / "images",
+        base_seed=settings.base_seed,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        height=settings.height,
+        width=settings.width,
+        output_size=settings.output_size,
+        scheduler=settings.scheduler,
+        batch_size=settings.batch_size,
+        fingerprint=fingerprint,
+        progress=progress,
+        desc=f"generate {desc}",
+    )
+    del pipeline
+    gc.collect()
+    features = image_features(
+        images.paths, inception, device=device, progress=progress, desc=f"features {desc}"
+    )
+    correct = None
+    if judge is not None and is_fashion_prompt_set(prompts):
+        labels = torch.tensor(prompt_classes(prompts))  # (n,)
+        correct = judged_correct(images.paths, labels, judge)  # (n,)
+    scores = ModelScores(features, correct, fingerprint, images.settings)
+    _save(folder / "scores.safetensors", key, scores)
+    return scores
+
+
+def _key(
+    fingerprint: str,
+    settings: GenerationSettings,
+    prompts: Sequence[str],
+    inception_key: str,
+    judge: Any | None,
+) -> str:
+    text = json.dumps(
+        {
+            "fingerprint": fingerprint,
+            "settings": asdict(settings),
+            "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+            "inception": inception_key,
+            "judge": getattr(judge, "key", None),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _load(path: Path, key: str) -> ModelScores | None:
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("key") != key:
+        return None
+    tensors = load_file(str(path))
+    return ModelScores(
+        tensors["features"],
+        tensors.get("correct"),
+        metadata["fingerprint"],
+        json.loads(metadata["settings"]),
+    )
+
+
+def _save(path: Path, key: str, scores: ModelScores) -> None:
+    tensors = {"features": scores.features.contiguous()}
+    if scores.correct is not None:
+        tensors["correct"] = scores.correct.contiguous()
+    metadata = {
+        "key": key,
+        "fingerprint": scores.fingerprint,
+        "settings": json.dumps(scores.settings, sort_keys=True),
+    }
+    with atomic_path(path) as partial:
+        save_file(tensors, str(partial), metadata=metadata)
