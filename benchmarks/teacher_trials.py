@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.families import encode_captions
+from core.image_grid import image_grid
 from core.paths import default_cache_root
 from offline.fashion_mnist import (
     CAPTION_TEMPLATES,
@@ -37,7 +38,7 @@ from offline.fashion_mnist import (
     fashion_pixels,
     load_fashion_mnist_arrays,
 )
-from offline.sample_grid import class_prompts, tile
+from offline.sample_grid import class_prompts
 from offline.teacher import TeacherSettings, train_fashion_teachers
 from offline.tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
 from offline.tokenizer import build_clip_tokenizer
@@ -204,7 +205,9 @@ def report_vae(vae, out: Path, headline: str) -> None:
     )
     rows = [[to_pil(p) for p in pixels[r * 16 : (r + 1) * 16]] for r in range(2)]
     rows += [[to_pil(p) for p in reconstruction[r * 16 : (r + 1) * 16]] for r in range(2)]
-    tile(rows).resize((16 * 34 * 2, 4 * 34 * 2)).save(out / "vae_reconstructions.png")
+    image_grid(rows, row_labels=["original", "", "reconstructed", ""]).save(
+        out / "vae_reconstructions.png"
+    )
     print(
         f"reconstruction grid (rows 1-2 originals, 3-4 reconstructions): "
         f"{out / 'vae_reconstructions.png'}"

@@ -14,8 +14,9 @@ from pathlib import Path
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` (UTF-8) or what it held before, never part of it."""
     with atomic_path(path) as temporary:
-        temporary.write_text(text)
+        temporary.write_text(text, encoding="utf-8")
 
 
 @contextmanager
@@ -55,6 +56,9 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     temporary.mkdir()
     try:
         yield temporary
+        for written in sorted(temporary.rglob("*")):
+            _fsync(written)  # files and subfolders: their bytes and entries are on disk
+        _fsync(temporary)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -62,4 +66,5 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     if path.exists():
         os.replace(path, old)  # between these two renames `path` is briefly absent, never partial
     os.replace(temporary, path)
+    _fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
+from core.atomic import write_text_atomic
 from core.errors import UserInputError
 from core.paths import default_cache_root
 
@@ -41,13 +43,8 @@ def file_digest(path: Path, index_dir: Path | None = None) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
-    index = _read_index(index_file)  # another process may have added entries meanwhile
-    index[str(path)] = {
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "sha256": digest.hexdigest(),
-    }
-    _write_index(index_file, index)
+    entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    _record(index_file, str(path), entry)
     return digest.hexdigest()
 
 
@@ -108,13 +105,17 @@ def _read_index(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _write_index(path: Path, index: dict[str, Any]) -> None:
+def _record(path: Path, key: str, entry: dict[str, Any]) -> None:
+    """Add one file's entry to the index. Every process of a run (and every run sharing the cache)
+    fingerprints the same teachers: under the lock one writer at a time reads the index as it is
+    now and writes it back with its entry, so no writer drops another's."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(index, sort_keys=True))
-        os.replace(temporary, path)
-    except OSError:
+        with FileLock(str(path.with_name(f"{path.name}.lock")), timeout=60):
+            index = _read_index(path)
+            index[key] = entry
+            write_text_atomic(path, json.dumps(index, sort_keys=True))
+    except (OSError, Timeout):
         pass  # the index only saves time; a read-only cache folder costs a rehash next time
 
 

@@ -17,7 +17,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
+from core.atomic import atomic_folder
 from core.errors import UserInputError
 from distill.distributed_state import (
     full_tensors,
@@ -94,21 +94,17 @@ def save_checkpoint(
     keep_last: int | None = None,
 ) -> Path:
     """Write a checkpoint atomically, then delete all but the newest `keep_last`."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(state.stage_index, state.step)
-    temporary = root / f".{final.name}.{os.getpid()}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    save_file(_contiguous_cpu(student), str(temporary / STUDENT_FILE))
-    if ema is not None:
-        save_file(_contiguous_cpu(ema), str(temporary / EMA_FILE))
-    if kind_state:
-        save_file(_contiguous_cpu(kind_state), str(temporary / KIND_FILE))
-    torch.save(optimizer, temporary / OPTIMIZER_FILE)
-    (temporary / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-    if final.exists():  # re-saving the same step (e.g. stage end right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+    # An existing `final` (the stage end right after a periodic save of the same step) is
+    # replaced whole; the files are flushed to disk before the folder is renamed into place.
+    with atomic_folder(final) as temporary:
+        save_file(_contiguous_cpu(student), str(temporary / STUDENT_FILE))
+        if ema is not None:
+            save_file(_contiguous_cpu(ema), str(temporary / EMA_FILE))
+        if kind_state:
+            save_file(_contiguous_cpu(kind_state), str(temporary / KIND_FILE))
+        torch.save(optimizer, temporary / OPTIMIZER_FILE)
+        (temporary / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
     if keep_last is not None:
         prune_checkpoints(root, keep_last)
     return final
@@ -174,7 +170,9 @@ def plan_resume(
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` checkpoints (and crashed temporary folders)."""
     removed = [c.path for c in list_checkpoints(root)[:-keep_last]]
-    removed += [p for p in root.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    removed += [
+        p for p in root.iterdir() if p.name.startswith(".") and p.name.endswith((".tmp", ".old"))
+    ]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed

@@ -11,10 +11,10 @@ with one line naming what changed, unless the stage is restarted (`--restart-sta
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from core.atomic import write_text_atomic
 from core.errors import UserInputError
 from core.fingerprints import folder_fingerprint, short
 
@@ -47,9 +47,9 @@ class RunProvenance:
     def record(self, stage: int, **facts: Any) -> None:
         """Set facts of a stage (teacher, teacher_fingerprint, cache_key) and save atomically."""
         self.stages[str(stage)] = self.stages.get(str(stage), {}) | facts
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({"stages": self.stages}, indent=2, sort_keys=True) + "\n")
-        os.replace(temporary, self.path)
+        write_text_atomic(
+            self.path, json.dumps({"stages": self.stages}, indent=2, sort_keys=True) + "\n"
+        )
 
     def check(self, stage: int, name: str, **facts: Any) -> None:
         """Refuse to resume stage `stage` when a recorded fact differs from `facts`."""

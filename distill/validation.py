@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from PIL import Image, ImageDraw
+from PIL import Image
 
-LABEL_WIDTH = 120
+from core.image_grid import image_grid
 
 
 @torch.no_grad()
@@ -33,21 +33,6 @@ def generate_row(
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
     ).images
-
-
-def grid_image(rows: Mapping[str, Sequence[Image.Image]], scale: int = 1) -> Image.Image:
-    """Rows of equal-size images, each row labelled on its left."""
-    first = next(iter(rows.values()))[0]
-    width, height = first.width * scale, first.height * scale
-    columns = max(len(images) for images in rows.values())
-    grid = Image.new("RGB", (LABEL_WIDTH + columns * width, len(rows) * height), "white")
-    draw = ImageDraw.Draw(grid)
-    for row, (label, images) in enumerate(rows.items()):
-        draw.text((4, row * height + height // 2 - 6), label, fill="black")
-        for column, image in enumerate(images):
-            resized = image.convert("RGB").resize((width, height), Image.NEAREST)
-            grid.paste(resized, (LABEL_WIDTH + column * width, row * height))
-    return grid
 
 
 @dataclass(frozen=True)
@@ -79,8 +64,7 @@ def save_validation_grid(
         )
         for label, row in rows.items()
     }
-    # Small images (the offline world's 32 px) are upscaled so a person can see them.
-    scale = max(1, 96 // next(iter(images.values()))[0].width)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(images, scale).save(path)
+    # Small images (the offline world's 32 px) are enlarged so a person can see them.
+    image_grid(list(images.values()), row_labels=list(images), column_labels=prompts).save(path)
     return path

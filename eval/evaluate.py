@@ -40,6 +40,7 @@ from PIL import Image
 from core.errors import UserInputError
 from core.families import load_pipeline as load_family_pipeline
 from core.fingerprints import pipeline_fingerprint, short
+from core.image_grid import image_grid
 from eval.clip_score import ClipBackend, clip_score, load_clip_backend
 from eval.fashion_classifier import ClassifierSettings, FashionClassifier, load_fashion_classifier
 from eval.fid import (
@@ -61,7 +62,7 @@ from eval.inception_score import inception_score
 from eval.plots import fid_latency_plot
 from eval.prompts import load_prompts
 from eval.protocols import EvalProtocol, PublishedResult
-from eval.report import GridInfo, ReportRow, make_comparison_grid, write_report
+from eval.report import GridInfo, ReportRow, write_report
 from eval.results import MetricResult, MetricUnavailable
 from eval.speed import (
     model_size,
@@ -599,7 +600,7 @@ def _grid(samples: dict[str, GeneratedImages]) -> GridInfo | None:
     rows = [
         [Image.open(path).convert("RGB") for path in samples[name].paths[:count]] for name in names
     ]
-    image = make_comparison_grid(rows, names, [f"{i + 1}" for i in range(count)])
+    image = image_grid(rows, row_labels=names, column_labels=[f"{i + 1}" for i in range(count)])
     last = samples[names[-1]]  # every row has the same prompts and seeds
     return GridInfo(image, last.prompts[:count], last.seeds[:count], tuple(names))
 

@@ -8,7 +8,7 @@ images, its accuracy on the 10,000 test images recorded with it.
 Training (measured on this 2-core machine with another process on the second core): one epoch,
 batch 128, Adam under a one-cycle schedule peaking at 4e-3: 27 s, 88.0% test accuracy; a second
 epoch buys 0.9 points for twice the time. It runs on one intra-op thread: two threads took 44 s
-per epoch under the same load (OpenMP spin-waiting, see DESIGN.md), and 16-channel convolutions
+per epoch under the same load (OpenMP spin-waiting, see docs/design.md), and 16-channel convolutions
 gain little from a second core anyway.
 
 Cached like the FID reference statistics: `$SD_DISTILL_CACHE/fashion-classifier/KEY.safetensors`
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.atomic import atomic_path, write_text_atomic
 from core.errors import UserInputError
 from core.paths import default_cache_root
 
@@ -178,12 +178,8 @@ def load_fashion_classifier(
             f"fashion classifier: trained in {seconds:.0f} s, test accuracy {100 * accuracy:.2f}%",
             flush=True,
         )
-    weights_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = weights_file.with_name(
-        f".{key}.{os.getpid()}.partial"
-    )  # concurrent runs never collide
-    save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, str(partial))
-    partial.replace(weights_file)
+    with atomic_path(weights_file) as partial:  # the pid in its name: concurrent runs never collide
+        save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, str(partial))
     info = {
         "settings": asdict(settings),
         "version": CLASSIFIER_VERSION,
@@ -192,9 +188,8 @@ def load_fashion_classifier(
         "test_images": len(test_labels),
         "train_seconds": round(seconds, 1),
     }
-    partial = info_file.with_name(f".{key}.json.{os.getpid()}.partial")
-    partial.write_text(json.dumps(info, indent=1) + "\n")
-    partial.replace(info_file)  # written last: its presence means the weights are complete
+    # Written last: its presence means the weights are complete.
+    write_text_atomic(info_file, json.dumps(info, indent=1) + "\n")
     return FashionClassifier(net.eval(), settings, accuracy, len(test_labels), key)
 
 

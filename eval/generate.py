@@ -22,7 +22,6 @@ BK-SDM's protocol (`src/generate.py`): PNDM, 25 steps, guidance 7.5, 512 px, the
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -43,6 +42,7 @@ from diffusers import (
 from PIL import Image
 from tqdm.auto import tqdm
 
+from core.atomic import atomic_path, write_text_atomic
 from core.errors import UserInputError
 from core.fingerprints import pipeline_fingerprint, short
 from eval.image_io import resize_square
@@ -50,7 +50,7 @@ from eval.image_io import resize_square
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2  # 1: settings without fingerprint, batch size, dtype or device
 # The files generate_images owns in its folder: images, their temporary names, the manifest.
-_OWN_FILE = re.compile(r"^\d{6,}\.(png|partial)$")
+_OWN_FILE = re.compile(r"^\.?\d{6,}\.png(\.\d+\.tmp)?$")
 SCHEDULERS = {
     "pndm": PNDMScheduler,
     "ddim": DDIMScheduler,
@@ -302,9 +302,8 @@ def _remove_stale(
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
-    partial = path.with_suffix(".partial")
-    image.save(partial, format="PNG")
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        image.save(partial, format="PNG")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -316,6 +315,4 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    partial.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))

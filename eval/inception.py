@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import NoTrainInceptionV3
 
+from core.atomic import atomic_path
 from core.paths import default_cache_root
 from eval.results import MetricUnavailable
 
@@ -198,12 +198,9 @@ def converted_fid_helper_weights(cache_dir: str | Path | None = None) -> Path | 
     if source is None:
         return None
     converted = convert_fid_helper_state_dict(load_fid_helper_torchscript(source).state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write under a name of our own, then rename: readers (and a concurrent converter) never see
-    # half a file.
-    partial = target.with_suffix(f".{os.getpid()}.partial")
-    torch.save(converted, partial)
-    partial.replace(target)
+    # Readers (and a concurrent converter) never see half a file.
+    with atomic_path(target) as partial:
+        torch.save(converted, partial)
     return target
 
 

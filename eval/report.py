@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from core.atomic import write_text_atomic
 from core.fingerprints import metrics_fingerprints  # noqa: F401  (re-exported)
 from eval.plots import Figure
 from eval.results import MetricResult
@@ -218,45 +219,7 @@ def write_report(
             f"## Samples\n\nSame prompts and seeds in each column ({rows_text}).\n\n"
             f"![comparison grid]({GRID_FILE})\n\nColumns:\n\n{captions}"
         )
-    (out_dir / REPORT_FILE).write_text("\n\n".join(sections) + "\n", encoding="utf-8")
-    (out_dir / METRICS_FILE).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out_dir / REPORT_FILE, "\n\n".join(sections) + "\n")
+    # `distill export` trusts this file: it is the old one or the new one, never half of one.
+    write_text_atomic(out_dir / METRICS_FILE, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return data
-
-
-def make_comparison_grid(
-    rows: Sequence[Sequence[Image.Image]],
-    row_names: Sequence[str],
-    labels: Sequence[str],
-    *,
-    label_height: int = 14,
-) -> Image.Image:
-    """One row of images per model (the teacher's first), column `i` captioned `labels[i]` (cut
-    to fit) and each row named on the left. Images are shown at the first row's image size."""
-    if not labels or len(rows) != len(row_names) or any(len(r) != len(labels) for r in rows):
-        raise ValueError("need one name per row and one image per row and label")
-    width, height = rows[0][0].size
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    name_width = 4 + max(int(probe.textlength(name, font=font)) for name in row_names)
-    grid = Image.new(
-        "RGB", (name_width + width * len(labels), label_height + len(rows) * height), "white"
-    )
-    draw = ImageDraw.Draw(grid)
-    for column, label in enumerate(labels):
-        x = name_width + column * width
-        draw.text((x + 1, 1), _fit(label, width - 2, draw, font), fill="black", font=font)
-        for row, images in enumerate(rows):
-            tile = images[column].convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
-            grid.paste(tile, (x, label_height + row * height))
-    for row, name in enumerate(row_names):
-        draw.text((2, label_height + row * height + height // 2 - 5), name, fill="black", font=font)
-    return grid
-
-
-def _fit(text: str, width: int, draw: ImageDraw.ImageDraw, font: Any) -> str:
-    """`text`, shortened with "..." until it is at most `width` pixels wide."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..." if text else ""

@@ -10,29 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from core.image_grid import image_grid
 from offline.fashion_mnist import FASHION_CLASSES, caption_for
 
 
 def class_prompts() -> list[str]:
     """The grid's row prompts: "a photo of a t-shirt/top", ..., one per class, in label order."""
     return [caption_for(label, template_index=0) for label in range(len(FASHION_CLASSES))]
-
-
-def tile(rows: Sequence[Sequence[Image.Image]], pad: int = 2) -> Image.Image:
-    """Paste equally sized images into one grid with `pad` px of white between them."""
-    width, height = rows[0][0].size
-    columns = max(len(row) for row in rows)
-    grid = Image.new(
-        "RGB",
-        (columns * (width + pad) + pad, len(rows) * (height + pad) + pad),
-        color="white",
-    )
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(image.convert("RGB"), (pad + c * (width + pad), pad + r * (height + pad)))
-    return grid
 
 
 @torch.no_grad()
@@ -43,10 +28,9 @@ def sample_class_grid(
     prompts: Sequence[str] | None = None,
     guidance_scale: float = 4.0,
     num_inference_steps: int = 50,
-    scale: int = 2,
 ) -> Path:
     """Sample `prompts` (default: one per class) × `seeds` with a StableDiffusionPipeline and save
-    the grid PNG (upscaled `scale`× with nearest neighbours so 32 px samples stay visible)."""
+    the grid PNG, each row labelled with its class (32 px samples enlarged to 128 px)."""
     prompts = list(prompts) if prompts is not None else class_prompts()
     # One batch for the whole grid; one generator per image so the same seed gives the same
     # initial noise in every row.
@@ -59,8 +43,11 @@ def sample_class_grid(
         num_inference_steps=num_inference_steps,
     ).images
     rows = [images[r * len(seeds) : (r + 1) * len(seeds)] for r in range(len(prompts))]
-    grid = tile(rows)
-    grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    labels = [
+        prompt.removeprefix("a photo of ").removeprefix("a ").removeprefix("an ")
+        for prompt in prompts
+    ]
+    grid = image_grid(rows, row_labels=labels, column_labels=[f"seed {seed}" for seed in seeds])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

@@ -20,6 +20,10 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+# GPT-2/CLIP's reversible byte -> printable-unicode table, as the tokenizers themselves use it.
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from core.atomic import write_text_atomic
 from core.errors import UserInputError
 from core.paths import default_cache_root
 
@@ -29,27 +33,6 @@ NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48,894: every token that is neither a b
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MODEL_MAX_LENGTH = 77  # CLIP's context length, what SD v1 pipelines pad prompts to
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte → printable-unicode table (Radford et al. 2019, `encoder.py`).
-
-    Printable latin-1 bytes map to themselves; the other 68 bytes map to code points 256+ so that
-    no BPE symbol is whitespace or a control character.
-    """
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, codes), strict=True))
 
 
 def find_open_clip_bpe() -> Path:
@@ -86,12 +69,9 @@ def write_vocab_files(folder: Path) -> tuple[Path, Path]:
         return vocab_path, merges_path
     vocab, merges = derive_vocab_and_merges(find_open_clip_bpe())
     folder.mkdir(parents=True, exist_ok=True)
-    # Write to temporary names first so a concurrent reader never sees half a file.
-    tmp_vocab, tmp_merges = vocab_path.with_suffix(".json.tmp"), merges_path.with_suffix(".txt.tmp")
-    tmp_vocab.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    tmp_merges.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    tmp_vocab.replace(vocab_path)
-    tmp_merges.replace(merges_path)
+    # A concurrent reader never sees half a file.
+    write_text_atomic(vocab_path, json.dumps(vocab, ensure_ascii=False))
+    write_text_atomic(merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")
     return vocab_path, merges_path
 
 

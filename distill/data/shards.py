@@ -25,7 +25,6 @@ The log-variance keeps small spreads exact in 16 bits, where a 16-bit std would 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from core.atomic import atomic_path, write_text_atomic
 
 # 3: token ids instead of text embeddings, log-variance, fixed row spans per shard, 16-bit option.
 FORMAT_VERSION = 3
@@ -81,23 +82,18 @@ class ShardInfo:
         return cls(**record)
 
 
-def _temporary_path(path: Path) -> Path:
-    # The pid keeps two writers of the same shard (two runs building one cache) apart.
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_safetensors_atomic(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    temporary = _temporary_path(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    # atomic_path's temporary name holds the pid: two writers of one shard (two runs building
+    # one cache) never collide.
+    with atomic_path(path) as temporary:
+        contiguous = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(contiguous, str(temporary), metadata=metadata)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    temporary = _temporary_path(path)
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

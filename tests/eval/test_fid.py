@@ -196,3 +196,29 @@ def test_batches_hold_one_image_size_and_resize_squares(random_images) -> None:
     resized = list(uint8_batches(images, batch_size=4, resize_to=16))
     assert [tuple(batch.shape) for batch in resized] == [(4, 3, 16, 16)]
     assert resized[0].dtype == torch.uint8
+
+
+@pytest.mark.parametrize(
+    ("n", "dims", "tolerance"),
+    [
+        (1000, 64, 1e-10),  # full-rank covariances: the two agree to rounding
+        (3000, 256, 1e-10),
+        # n < dims (every FID of fewer than 2048 images): Σ_a Σ_b has near-zero eigenvalues that
+        # numpy's and torch's LAPACK builds round differently (3e-8 relative, measured).
+        (500, 2048, 1e-6),
+    ],
+)
+def test_frechet_distance_equals_torchmetrics(n: int, dims: int, tolerance: float) -> None:
+    """The public torch-fidelity call gives what torchmetrics' private `_compute_fid` gave."""
+    from torchmetrics.image.fid import _compute_fid
+
+    from eval.fid import frechet_distance
+
+    rng = np.random.default_rng(n)
+    stats = []
+    for shift in (0.0, 0.3):
+        features = rng.normal(shift, 1.0, (n, dims)) @ rng.normal(0, dims**-0.5, (dims, dims))
+        stats.append(FIDStatistics(features.mean(0), np.cov(features, rowvar=False), n))
+    a, b = [(torch.from_numpy(s.mu), torch.from_numpy(s.sigma)) for s in stats]
+    expected = float(_compute_fid(*a, *b))
+    assert frechet_distance(*stats) == pytest.approx(expected, rel=tolerance)

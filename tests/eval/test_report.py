@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.image_grid import CAPTION_HEIGHT, image_grid
 from eval.protocols import BK_SDM_COCO30K
 from eval.report import (
     ReportRow,
-    make_comparison_grid,
     markdown_table,
     metrics_fingerprints,
     write_report,
@@ -93,16 +93,20 @@ def test_bk_sdm_published_numbers_become_reference_rows() -> None:
     assert "| BK-SDM-Base (published) | 15.76 | 0.2878 | 33.79 |" in table
 
 
-def test_comparison_grid_puts_teacher_above_student(tmp_path: Path) -> None:
+def test_grid_labels_rows_and_enlarges_small_images_by_whole_factors(tmp_path: Path) -> None:
     red, blue = Image.new("RGB", (16, 16), "red"), Image.new("RGB", (16, 16), "blue")
-    grid = make_comparison_grid(
+    grid = image_grid(
         [[red, red, red], [blue, blue, blue]],
-        ["teacher", "student"],
-        ["cat", "dog", "a long label"],
+        row_labels=["teacher", "student"],
+        column_labels=["cat", "dog", "a long label"],
+        pad=0,
     )
-    label_height = 14
-    assert grid.height == label_height + 2 * 16
+    tile = 128  # 16 px x 8, nearest-neighbour: sharp squares a person can judge
+    assert grid.height == CAPTION_HEIGHT + 2 * tile
     array = np.asarray(grid)
-    right_column = array[:, -8]  # the middle of the last column, top to bottom
-    assert tuple(right_column[label_height + 8]) == (255, 0, 0)  # teacher row
-    assert tuple(right_column[label_height + 16 + 8]) == (0, 0, 255)  # student row
+    right_column = array[:, -tile // 2]  # the middle of the last column, top to bottom
+    assert tuple(right_column[CAPTION_HEIGHT + tile // 2]) == (255, 0, 0)  # teacher row
+    assert tuple(right_column[CAPTION_HEIGHT + tile + tile // 2]) == (0, 0, 255)  # student row
+    assert (array[:, : grid.width - 3 * tile] < 128).any()  # the row labels are drawn
+    large = Image.new("RGB", (256, 256), "red")
+    assert image_grid([[large]], pad=0).size == (256, 256)  # never shrunk, never enlarged
