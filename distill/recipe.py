@@ -28,6 +28,7 @@ from core.errors import UserInputError
 from core.paths import HUB_ID
 from distill.kinds import DEFAULT_KIND, KindOptions, stage_kind, validate_kind_options
 from distill.losses import LossOptions, reads_teacher, validate_loss_blocks
+from distill.preemption import DEFAULT_STOP_SIGNALS, signal_number
 from students import VARIANTS, StudentVariant
 
 
@@ -116,6 +117,19 @@ class TrainingSpec(_Strict):
     max_consecutive_nonfinite: Annotated[int, Field(gt=0)] = 5
     # DataLoader workers reading the cache ahead of the step; None: min(4, CPUs - 1).
     data_workers: Annotated[int, Field(ge=0)] | None = None
+    # Signals that mean "you will be killed soon" (SLURM --signal=USR1@90, SIGTERM from SLURM,
+    # Kubernetes and spot instances): finish the step, checkpoint, exit 75 (distill.preemption).
+    stop_signals: list[str] = list(DEFAULT_STOP_SIGNALS)
+    # Where the loss terms go besides RUN/logs/metrics.jsonl: accelerate's trackers, under
+    # RUN/logs ("wandb" needs `pip install wandb`; WANDB_MODE=offline keeps it on disk).
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
+
+    @field_validator("stop_signals")
+    @classmethod
+    def _known_signals(cls, names: list[str]) -> list[str]:
+        for name in names:
+            signal_number(name)  # ValueError names the unknown one
+        return names
 
     @model_validator(mode="after")
     def _reference_runs_are_unmixed(self) -> TrainingSpec:
@@ -293,6 +307,17 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as error:
         raise validation_error(error, source) from None
+
+
+def read_saved_recipe(path: Path) -> dict[str, Any]:
+    """A run folder's saved recipe.yaml, read through today's schema: a key added to the schema
+    since the run was saved takes its default, so a run saved before it is still the same recipe
+    (it trained with what is now that default). One the schema refuses is returned as saved."""
+    saved = yaml.safe_load(path.read_text())
+    try:
+        return Recipe.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        return saved
 
 
 def validation_error(error: ValidationError, source: str, prefix: str = "") -> UserInputError:

@@ -1,8 +1,9 @@
 """A run's log: every loss term, the total, the learning rate and the gradient norm, per step.
 
-Written to `RUN/logs/metrics.jsonl` (one JSON object a line, main process only) and to the
-accelerate trackers (tensorboard). The logger records what the step computed; it never recomputes
-a total from the terms.
+Written to `RUN/logs/metrics.jsonl` (one JSON object a line, main process only, whatever the
+trackers) and to the accelerate trackers that `training.report_to` names (tensorboard, wandb), all
+under RUN/logs. The logger records what the step computed; it never recomputes a total from the
+terms.
 """
 
 from __future__ import annotations
@@ -15,6 +16,24 @@ from typing import Any
 from accelerate import Accelerator
 
 from core.atomic import write_text_atomic
+
+# `training.report_to` -> accelerate's `log_with`. "all" names our two rather than accelerate's
+# "all", which would also start any other tracker that happens to be installed (comet, mlflow...).
+TRACKERS: dict[str, list[str]] = {
+    "tensorboard": ["tensorboard"],
+    "wandb": ["wandb"],
+    "all": ["tensorboard", "wandb"],
+    "none": [],
+}
+
+
+def tracker_init_kwargs(report_to: str, logs: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """accelerate's `init_trackers(init_kwargs=...)`: wandb writes its run folder under RUN/logs
+    (as tensorboard does) and records the whole recipe as the run's config. `WANDB_MODE=offline`
+    keeps it on disk, for `wandb sync` later."""
+    if "wandb" not in TRACKERS[report_to]:
+        return {}
+    return {"wandb": {"dir": str(logs), "config": dict(config)}}
 
 
 class RunLog:

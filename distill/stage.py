@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, is_wandb_available
 from diffusers import ModelMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -52,6 +52,7 @@ from distill.precision import Precision
 from distill.provenance import RunProvenance
 from distill.recipe import DataSpec, EMASpec, TrainingSpec
 from distill.run_folder import RunFolder
+from distill.run_log import TRACKERS
 from distill.step_randomness import EpochOrder
 from distill.taps import unwrap_model
 from distill.teacher import (
@@ -282,8 +283,15 @@ class _StageData:
 
 def training_accelerator(training: TrainingSpec, logs: Path) -> Accelerator:
     """accelerate from the recipe and the launcher's settings (DDP or FSDP; DeepSpeed refused)."""
+    if "wandb" in TRACKERS[training.report_to] and not is_wandb_available():
+        raise UserInputError(
+            f"training.report_to: {training.report_to!r} needs wandb: pip install wandb "
+            "(or sd-distill[wandb])"
+        )
     accelerator = Accelerator(
-        mixed_precision=training.mixed_precision, log_with="tensorboard", project_dir=str(logs)
+        mixed_precision=training.mixed_precision,
+        log_with=TRACKERS[training.report_to] or None,
+        project_dir=str(logs),
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise UserInputError(

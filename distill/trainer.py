@@ -41,9 +41,10 @@ from distill.checkpoint import (
 from distill.kinds import ValidationSettings
 from distill.plan import plan_run
 from distill.precision import at_least_fp32
+from distill.preemption import Preempted, StopRequests
 from distill.recipe import Recipe
 from distill.run_folder import RunFolder
-from distill.run_log import RunLog
+from distill.run_log import RunLog, tracker_init_kwargs
 from distill.stage import Stage, StageBuilder, final_model, training_accelerator
 from distill.taps import unwrap_model
 from distill.update import guarded_update, scaler_is_calibrating
@@ -103,6 +104,7 @@ class DistillationTrainer:
             self.accelerator, self.folder.metrics_log, [s.steps for s in recipe.stages]
         )
         self._steps_this_process = 0
+        self._stops = StopRequests(())  # replaced by the recipe's stop signals inside train()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -127,7 +129,14 @@ class DistillationTrainer:
             self.folder.write_recipe(self.recipe)
             step = plan.checkpoint.state.step if plan.checkpoint else 0
             self.log.rewind(plan.first_stage, step)  # steps after the checkpoint run again
-        self.accelerator.init_trackers(self.recipe.name)
+        self.accelerator.init_trackers(
+            self.recipe.name,
+            init_kwargs=tracker_init_kwargs(
+                self.recipe.training.report_to,
+                self.folder.logs,
+                self.recipe.model_dump(mode="json"),
+            ),
+        )
         self.accelerator.wait_for_everyone()
         return plan
 
@@ -142,8 +151,14 @@ class DistillationTrainer:
 
     def train(self) -> Path | None:
         """Run every stage from the resume point; returns the final pipeline folder, or None when
-        stopped early by `stop_after_steps`."""
+        stopped early by `stop_after_steps`. Raises `Preempted` after a stop signal
+        (`training.stop_signals`), once the checkpoint of the step in flight is written."""
         plan = self.setup()
+        self._stops = StopRequests(self.recipe.training.stop_signals)
+        with self._stops:
+            return self._train_stages(plan)
+
+    def _train_stages(self, plan: ResumePlan) -> Path | None:
         try:
             for index in range(plan.first_stage, len(self.recipe.stages)):
                 resume_from = plan.checkpoint if index == plan.first_stage else None
@@ -200,6 +215,9 @@ class DistillationTrainer:
                 self._save_checkpoint(stage, state)
             if due(done, training.validate_every, spec.steps):
                 self._validate(stage, done)
+            if done < spec.steps and self._stop_requested():
+                bar.close()
+                self._stop_here(stage, state)
             self._steps_this_process += 1
             if self._steps_this_process == self.stop_after_steps:
                 bar.close()
@@ -248,6 +266,27 @@ class DistillationTrainer:
         stacked = torch.stack([sums[name] for name in names] + [total_sum])
         means = accelerator.reduce(stacked, reduction="mean").tolist()
         state.terms, state.total = dict(zip(names, means[:-1], strict=True)), means[-1]
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal reached any process: every process must stop at the same step,
+        since the checkpoint is written by all of them (FSDP gathers shards)."""
+        received = self._stops.requested
+        if self.accelerator.num_processes == 1:
+            return received
+        flag = torch.tensor([float(received)], device=self.accelerator.device)
+        return self.accelerator.reduce(flag, reduction="sum").item() > 0
+
+    def _stop_here(self, stage: Stage, state: LoopState) -> None:
+        """Checkpoint the step just finished (unless the periodic one just did) and end the run."""
+        if not due(state.step, self.recipe.training.checkpoint_every, stage.plan.spec.steps):
+            self._save_checkpoint(stage, state)
+        self.accelerator.wait_for_everyone()
+        received = self._stops.received
+        name = received.name if received is not None else "a stop signal on another process"
+        raise Preempted(
+            f"{name}: stage {stage.name!r} stopped after step {state.step}, its checkpoint is in "
+            f"{str(self.checkpoint_dir)!r}; run the same command again to resume"
+        )
 
     def _skip_step(self, stage: Stage, state: LoopState, counts: bool = True) -> None:
         """A step whose loss or gradient was NaN/Inf: nothing changed (weights, optimizer, LR

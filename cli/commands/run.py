@@ -11,7 +11,8 @@ import yaml
 
 from core import plugins
 from core.errors import UserInputError
-from distill.recipe import load_recipe, resolve_paths
+from distill.builtin_recipes import find_recipe
+from distill.recipe import load_recipe, read_saved_recipe, resolve_paths
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +21,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="run a recipe (distillation stages, or the offline teacher training)",
         description="Run a recipe. An interrupted run resumes from its last checkpoint.",
     )
-    parser.add_argument("recipe", type=Path, help="YAML recipe (see recipes/)")
+    parser.add_argument(
+        "recipe",
+        help="a YAML recipe file, or a builtin recipe's name (`distill recipes` lists them)",
+    )
     parser.add_argument(
         "overrides", nargs="*", help="key.sub=value overrides, e.g. stages.0.steps=10"
     )
@@ -42,6 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.recipe = find_recipe(args.recipe)
     if args.no_progress:  # the libraries' own loading bars too
         import datasets
         import diffusers
@@ -63,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(recipe.output_dir)
     _check_run_dir(run_dir, recipe.model_dump(mode="json"), args.resume, args.overwrite)
 
+    from distill.preemption import PREEMPTED_EXIT_CODE, Preempted
     from distill.trainer import DistillationTrainer, TrainingStopped
 
     trainer = DistillationTrainer(
@@ -76,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingStopped as error:
         print(f"distill run: stopped: {error}", file=sys.stderr)
         return 1
+    except Preempted as error:
+        print(f"distill run: preempted: {error}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     if trainer.accelerator.is_main_process and pipeline is not None:
         print(f"done: the student pipeline is in {pipeline}")
     return 0
@@ -99,7 +108,7 @@ def _check_run_dir(run_dir: Path, resolved: dict, resume: bool, overwrite: bool)
         if resume:
             raise UserInputError(f"--resume: {str(run_dir)!r} holds no run to resume")
         return
-    previous = yaml.safe_load(saved.read_text())
+    previous = read_saved_recipe(saved)
     changed = sorted(_differences(previous, resolved))
     if changed:
         raise UserInputError(
