@@ -8,6 +8,7 @@ torch hub cache, or downloadable, and is "unavailable: <reason>" otherwise.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from eval.inception import (
     torch_fidelity_cached_weights,
 )
 from eval.results import MetricResult, MetricUnavailable
+
+logger = logging.getLogger(__name__)
 
 NO_HEAD_REASON = "no Inception classifier head offline"
 NO_HEAD_DETAIL = (
@@ -51,7 +54,10 @@ def classifier_weights(weights_path: str | Path | None = None, allow_download: b
     try:
         return download_torch_fidelity_weights()
     except MetricUnavailable as error:
-        raise MetricUnavailable(f"{NO_HEAD_REASON}; {error}") from error
+        # The report says why in words; the raw error (a DNS failure offline, a bad hash) goes to
+        # the log, for whoever debugs the download.
+        logger.warning("Inception Score: %s", error)
+        raise MetricUnavailable(NO_HEAD_REASON) from error
 
 
 def inception_score(

@@ -222,3 +222,19 @@ def test_frechet_distance_equals_torchmetrics(n: int, dims: int, tolerance: floa
     a, b = [(torch.from_numpy(s.mu), torch.from_numpy(s.sigma)) for s in stats]
     expected = float(_compute_fid(*a, *b))
     assert frechet_distance(*stats) == pytest.approx(expected, rel=tolerance)
+
+
+def test_a_failed_download_is_a_footnote_in_words_and_a_log_line(
+    empty_torch_hub, random_images, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    import eval.inception_score as module
+    from eval.results import MetricUnavailable
+
+    def offline() -> Path:
+        raise MetricUnavailable("cannot download x.pth (<urlopen error [Errno -2] Name unknown>)")
+
+    monkeypatch.setattr(module, "download_torch_fidelity_weights", offline)
+    with caplog.at_level("WARNING", logger="eval.inception_score"):
+        result = inception_score(random_images(2), splits=2, progress=False)
+    assert result.unavailable == module.NO_HEAD_REASON and "urlopen" not in str(result.detail)
+    assert "urlopen error" in caplog.text
