@@ -21,6 +21,7 @@ from diffusers import DiffusionPipeline
 from core.errors import UserInputError
 from core.families import resolve, unet_folder, unet_from_config
 from core.fingerprints import metrics_fingerprints, pipeline_fingerprint, short
+from distill.card_data import card_data
 from distill.kinds import stage_kind
 from distill.recipe import Recipe, validate_recipe
 from students import count_params
@@ -115,17 +116,12 @@ def model_card(
     init = recipe.teachers[recipe.student.init_from]
     student_params = count_params(pipeline.unet)
     teacher_params = _teacher_params(init)
-    hub_teachers = [v for v in recipe.teachers.values() if not Path(v).exists()]
-    front = {
-        "library_name": "diffusers",
-        "pipeline_tag": "text-to-image",
-        "tags": ["stable-diffusion", "text-to-image", "knowledge-distillation", "sd-distill"],
-    }
-    if hub_teachers:
-        front["base_model"] = hub_teachers
+    # The Hub's metadata: lineage, data, license, and a model-index of the scores only when
+    # `metrics` passed the fingerprint check (distill.card_data).
+    front = card_data(recipe, metrics.metrics)
     lines = [
         "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
+        front.to_yaml().strip(),
         "---",
         "",
         f"# {recipe.name}: a distilled Stable Diffusion student",

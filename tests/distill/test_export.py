@@ -70,7 +70,7 @@ def test_model_card_names_teachers_variant_stages_data_and_steps(
     out = tmp_path / "exported"
     assert main(["export", str(finished_run), str(out), "--metrics", str(metrics)]) == 0
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: diffusers")
+    assert card.startswith("---\n")
     for fact in (
         "`base` variant",
         "`a`:",
@@ -83,6 +83,55 @@ def test_model_card_names_teachers_variant_stages_data_and_steps(
     ):
         assert fact in card, fact
     assert "| student UNet |" in card and "| teacher UNet (`a`) |" in card
+
+
+def test_the_card_is_hub_ready_and_round_trips(finished_run: Path, tmp_path: Path) -> None:
+    """huggingface_hub reads back the lineage, data, license and the model-index of the scores
+    that describe these weights."""
+    from huggingface_hub import ModelCard
+
+    metrics = _metrics(tmp_path, pipeline_fingerprint(finished_run / "student_pipeline"))
+    out = tmp_path / "exported"
+    assert main(["export", str(finished_run), str(out), "--metrics", str(metrics)]) == 0
+    data = ModelCard.load(out / "README.md").data
+    assert data.library_name == "diffusers" and data.pipeline_tag == "text-to-image"
+    assert "knowledge-distillation" in data.tags
+    assert data.datasets == ["zalando-datasets/fashion_mnist"]  # the builtin source's hub copy
+    assert data.license == "other"  # the tiny teachers carry no license of their own
+    assert data.base_model is None  # local teachers: no hub lineage to link
+    (result,) = data.eval_results
+    assert (result.metric_type, result.metric_value, result.task_type) == (
+        "FID",
+        12.5,
+        "text-to-image",
+    )
+    reloaded = ModelCard.load(out / "README.md")
+    assert reloaded.data.to_dict() == data.to_dict()
+
+    # Metrics of other weights: no model-index at all.
+    other = tmp_path / "other"
+    other.mkdir()
+    stale = _metrics(other, "0" * 64)
+    assert main(["export", str(finished_run), str(tmp_path / "e2"), "--metrics", str(stale)]) == 0
+    assert not ModelCard.load(tmp_path / "e2" / "README.md").data.eval_results
+
+
+def test_card_data_names_hub_teachers_and_inherits_a_local_teachers_license(
+    tmp_path: Path,
+) -> None:
+    from distill.card_data import card_data
+    from distill.recipe import validate_recipe
+    from testkit.tiny_world import tiny_recipe
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "README.md").write_text("---\nlicense: creativeml-openrail-m\n---\n# SD\n")
+    raw = tiny_recipe(tmp_path, {"a": teacher, "b": teacher})
+    raw["teachers"]["b"] = "CompVis/stable-diffusion-v1-4"
+    data = card_data(validate_recipe(raw), None)
+    assert data.license == "creativeml-openrail-m"
+    assert data.base_model == ["CompVis/stable-diffusion-v1-4"]
+    assert not data.eval_results
 
 
 def _metrics(folder: Path, fingerprint: str | None) -> Path:
