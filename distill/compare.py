@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
 from core.errors import UserInputError
-from distill.recipe import Recipe, load_recipe, resolve_paths
+from distill.builtin_recipes import find_recipe
+from distill.recipe import Recipe, load_recipe, read_saved_recipe, resolve_paths
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,15 @@ class Entry:
 
 
 def parse_entry(text: str) -> Entry:
-    """`recipes/x.yaml` or `recipes/x.yaml@4` (scored at 4 steps)."""
+    """`recipes/x.yaml` or `recipes/x.yaml@4` (scored at 4 steps); a builtin recipe's name
+    (`compare/fashion_koala`) in place of a file."""
     path_text, _, steps_text = text.partition("@")
     steps = None
     if steps_text:
         if not steps_text.isdigit() or int(steps_text) < 1:
             raise UserInputError(f"{text!r}: the steps after @ must be a positive integer")
         steps = int(steps_text)
-    path = Path(path_text)
+    path = find_recipe(path_text)
     return Entry(path, load_recipe(path), steps)
 
 
@@ -118,7 +119,7 @@ class PlannedRun:
         saved = self.run_dir / "recipe.yaml"
         if not (saved.is_file() and self.student_pipeline.is_dir()):
             return False
-        return yaml.safe_load(saved.read_text()) == self.resolved_recipe()
+        return read_saved_recipe(saved) == self.resolved_recipe()
 
     def resolved_recipe(self) -> dict:
         """The recipe as `distill run` resolves and saves it for this run."""

@@ -8,8 +8,8 @@ each encodes its own shards. A cache already complete is reused; one interrupted
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from distill.builtin_recipes import find_recipe
 from distill.recipe import load_recipe, resolve_paths
 
 
@@ -20,13 +20,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Encode the recipe's data with each stage teacher's VAE and tokenizer, once "
         "per distinct cache. Prints pairs, skipped rows, bytes per pair and images/s.",
     )
-    parser.add_argument("recipe", type=Path, help="YAML recipe (see recipes/)")
+    parser.add_argument("recipe", help="a YAML recipe file, or a builtin recipe's name")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    args.recipe = find_recipe(args.recipe)
     from accelerate import Accelerator
 
     from distill.plan import plan_run
