@@ -37,7 +37,9 @@ def card_data(
 ) -> ModelCardData:
     """The front matter of an exported student's card. `metrics`: an eval metrics.json already
     checked to describe these weights (distill.export.evaluation_of), or None."""
-    teachers = list(dict.fromkeys(recipe.teachers.values()))
+    # The init teacher first: the student's weights, and so its license, come from it.
+    init = recipe.teachers[recipe.student.init_from]
+    teachers = list(dict.fromkeys([init, *recipe.teachers.values()]))
     hub_teachers = [t for t in teachers if _is_hub_id(t)]
     dataset = HUB_DATASETS.get(recipe.data.source) or (
         recipe.data.source if _is_hub_id(recipe.data.source) else None
@@ -63,9 +65,9 @@ def _is_hub_id(value: str) -> bool:
 
 
 def _teacher_license(teachers: list[str]) -> str:
-    """The license of the teacher whose layers the student starts from: read from a local
-    teacher's own card (SD v1.x: creativeml-openrail-m). A hub teacher's card cannot be read
-    offline, and a teacher without one (the offline world's) has none to inherit: "other"."""
+    """The license of the first of `teachers` (the init teacher first) whose local card names one
+    (SD v1.x: creativeml-openrail-m). A hub teacher's card cannot be read offline, and a teacher
+    without one (the offline world's) has none to inherit: "other"."""
     for teacher in teachers:
         readme = Path(teacher) / "README.md"
         if readme.is_file():

@@ -104,7 +104,7 @@ class DistillationTrainer:
             self.accelerator, self.folder.metrics_log, [s.steps for s in recipe.stages]
         )
         self._steps_this_process = 0
-        self._stops = StopRequests(())  # replaced by the recipe's stop signals inside train()
+        self._stops = StopRequests(recipe.training.stop_signals)  # handlers only inside train()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -154,7 +154,6 @@ class DistillationTrainer:
         stopped early by `stop_after_steps`. Raises `Preempted` after a stop signal
         (`training.stop_signals`), once the checkpoint of the step in flight is written."""
         plan = self.setup()
-        self._stops = StopRequests(self.recipe.training.stop_signals)
         with self._stops:
             return self._train_stages(plan)
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from cli.commands.evaluate import vae_scale_factor
 from core.atomic import atomic_folder
 from core.errors import UserInputError
 from core.families import resolve
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"{str(args.out)!r} is not empty")
     student = resolve(args.student).unet()
     teacher = resolve(args.teacher).unet() if args.teacher else None
-    factor = args.vae_scale_factor or _vae_scale_factor(Path(args.student)) or 8
+    factor = args.vae_scale_factor or vae_scale_factor(Path(args.student)) or 8
     try:
         controlnet, init = controlnet_from_student(
             student,
@@ -59,11 +60,3 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"ControlNet saved to {args.out}; its mid block: {init.mid_block} ({init.reason})")
     return 0
-
-
-def _vae_scale_factor(student: Path) -> int | None:
-    """2^(VAE blocks − 1), as diffusers' pipelines compute it, when `student` is a pipeline."""
-    config = student / "vae" / "config.json"
-    if not config.is_file():
-        return None
-    return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)

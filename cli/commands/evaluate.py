@@ -179,9 +179,18 @@ def _model_resolution(model: str) -> int | None:
     import json
 
     unet_config = Path(model) / "unet" / "config.json"
-    vae_config = Path(model) / "vae" / "config.json"
-    if not (unet_config.is_file() and vae_config.is_file()):
+    factor = vae_scale_factor(Path(model))
+    if not (unet_config.is_file() and factor):
         return None
-    sample_size = json.loads(unet_config.read_text())["sample_size"]
-    factor = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1)
-    return sample_size * factor
+    return json.loads(unet_config.read_text())["sample_size"] * factor
+
+
+def vae_scale_factor(pipeline: Path) -> int | None:
+    """Pixels per latent of a pipeline folder's VAE, 2^(blocks − 1) as diffusers' pipelines
+    compute it; None when `pipeline` holds no VAE (a bare unet folder, a hub id)."""
+    import json
+
+    config = pipeline / "vae" / "config.json"
+    if not config.is_file():
+        return None
+    return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
