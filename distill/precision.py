@@ -30,12 +30,35 @@ class Precision:
     @classmethod
     def of(cls, mixed_precision: str, weights_dtype: str = "float32") -> Precision:
         weights = WEIGHTS_DTYPES[weights_dtype]
-        return cls(weights, MIXED_PRECISION_DTYPES.get(mixed_precision, weights))
+        setting = resolve_mixed_precision(mixed_precision, weights_dtype)
+        return cls(weights, MIXED_PRECISION_DTYPES.get(setting, weights))
 
     @property
     def is_reference(self) -> bool:
         """A float64 run: every model, frozen or trained, is cast to float64."""
         return self.weights == torch.float64
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether the device computes bf16 natively: a CUDA GPU that supports it (Ampere and
+    later), or a CPU with AVX512-BF16 or AMX (oneDNN's bf16 kernels; elsewhere bf16 is emulated
+    and slower than fp32)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def resolve_mixed_precision(setting: str, weights_dtype: str = "float32") -> str:
+    """The recipe's `training.mixed_precision` as accelerate takes it: "auto" is "bf16" where the
+    device this process trains on computes bf16 natively (`native_bf16`), else "no"; a float64
+    reference run is never mixed."""
+    if setting != "auto":
+        return setting
+    if weights_dtype == "float64":
+        return "no"
+    return "bf16" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "no"
 
 
 def at_least_fp32(tensor: Tensor) -> Tensor:

@@ -93,14 +93,26 @@ class EMASpec(_Strict):
     # average follows the weights at once (2/3: for runs of thousands of steps). None: diffusers'
     # default schedule min(decay, (1 + step) / (10 + step)).
     warmup_power: Annotated[float, Field(gt=0.0)] | None = None
+    # Where the fp32 average lives (distill.ema): "memory" beside the weights; "disk" a file in
+    # the run folder, rewritten tensor by tensor; "auto": disk for an SD-scale student (>= 1 GiB)
+    # trained on a CPU by one process, where RAM is the scarce thing, else memory.
+    storage: Literal["auto", "memory", "disk"] = "auto"
+    # Update every k applied steps with the product of their decays; None: 1 in memory, 10 on
+    # disk (its read and write of the whole average, amortized).
+    every: Annotated[int, Field(gt=0)] | None = None
 
 
 class TrainingSpec(_Strict):
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # "auto": bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with
+    # AVX512-BF16 or AMX), else "no" (distill.precision.resolve_mixed_precision); "no": fp32.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # The trained weights' dtype (distill.precision). float64: a reference run whose numbers
     # agree across CPUs (every model cast to float64; no mixed precision).
     dtype: Literal["float32", "float64"] = "float32"
     gradient_checkpointing: bool = False
+    # Regional torch.compile of the student and the stage teacher (distill.compilation): "auto"
+    # compiles on CUDA, where it pays; on a CPU only when set to true.
+    compile: Literal["auto"] | bool = "auto"
     max_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     weight_decay: Annotated[float, Field(ge=0.0)] = 1e-2
@@ -133,7 +145,7 @@ class TrainingSpec(_Strict):
 
     @model_validator(mode="after")
     def _reference_runs_are_unmixed(self) -> TrainingSpec:
-        if self.dtype == "float64" and self.mixed_precision != "no":
+        if self.dtype == "float64" and self.mixed_precision not in ("no", "auto"):
             raise ValueError("dtype float64 (a reference run) needs mixed_precision: 'no'")
         return self
 

@@ -30,11 +30,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, is_wandb_available
 from diffusers import ModelMixin
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 
 from core.errors import UserInputError
 from core.paths import default_cache_root
 from distill.checkpoint import Checkpoint, restore_training_checkpoint
+from distill.compilation import compile_regions, resolve_compile, tapped_paths
 from distill.data import (
     LatentCache,
     PreprocessSpec,
@@ -46,9 +46,10 @@ from distill.data.build import ProcessLayout
 from distill.data.images import ImageRows
 from distill.data.loader import MicroBatches, micro_batches
 from distill.distributed_state import full_tensors, student_state
+from distill.ema import DiskEMA, StudentEMA, default_every, resolve_storage
 from distill.kinds import StageKind, StageRows, StageSetup
 from distill.plan import RunPlan, StagePlan
-from distill.precision import Precision
+from distill.precision import Precision, resolve_mixed_precision
 from distill.provenance import RunProvenance
 from distill.recipe import DataSpec, EMASpec, TrainingSpec
 from distill.run_folder import RunFolder
@@ -73,7 +74,7 @@ class Stage:
     model: torch.nn.Module  # the prepared (possibly wrapped) trained network
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    ema: EMAModel | None
+    ema: StudentEMA | None
     start_step: int  # optimizer steps already done (resumed), 0 for a fresh stage
     nonfinite_skipped: int  # steps skipped before the resume point
     batches: Iterator[dict[str, Any]]  # this process's micro-batches from `start_step`
@@ -106,10 +107,15 @@ class StageBuilder:
 
     # ------------------------------------------------------------------ pipelines and networks
 
-    def pipeline(self, key: str, before: int | None = None) -> PipelineComponents:
+    def pipeline(
+        self, key: str, before: int | None = None, *, fresh: bool = False
+    ) -> PipelineComponents:
         """Teacher `key`'s pipeline; for the init teacher, with the parts (other than the UNet)
         that the stages before `before` trained in place of its own. Loaded once while it is
-        the latest one asked for."""
+        the latest one asked for; `fresh`: loaded again, every part as stored (a stage casts
+        its teacher UNet and text encoders to the compute dtype in place)."""
+        if fresh:
+            self._loaded = {}
         parts = {}
         if key == self.plan.init.key and before is not None:
             parts = {
@@ -126,8 +132,8 @@ class StageBuilder:
             self._loaded = {cache_key: components.with_parts(trained)}
         return self._loaded[cache_key]
 
-    def stage_pipeline(self, index: int) -> PipelineComponents:
-        return self.pipeline(self.plan.stages[index].source.key, before=index)
+    def stage_pipeline(self, index: int, *, fresh: bool = False) -> PipelineComponents:
+        return self.pipeline(self.plan.stages[index].source.key, before=index, fresh=fresh)
 
     def load_part(self, component: str, folder: Path) -> ModelMixin:
         model_class = next(
@@ -206,7 +212,20 @@ class StageBuilder:
             num_training_steps=spec.steps,
         )
         model, optimizer = accelerator.prepare(model, optimizer)
-        ema = make_ema(model, stage.ema, stage.kind.model_class, accelerator.device)
+        if resolve_compile(self.training.compile, accelerator.device.type):
+            # In place: the names, taps and EMA see the same network; tapped blocks stay eager.
+            student_paths, teacher_paths = tapped_paths(stage.losses)
+            compile_regions(model, eager_paths=student_paths)
+            if teacher is not None:
+                compile_regions(teacher.unet, eager_paths=teacher_paths)
+        ema = make_ema(
+            model,
+            stage.ema,
+            stage.kind.model_class,
+            accelerator.device,
+            file=self.folder.root / "ema" / f"{index:02d}-{stage.name}.safetensors",
+            processes=accelerator.num_processes,
+        )
         kind.start(model)
         start_step, nonfinite = 0, 0
         if checkpoint is not None:
@@ -289,7 +308,7 @@ def training_accelerator(training: TrainingSpec, logs: Path) -> Accelerator:
             "(or sd-distill[wandb])"
         )
     accelerator = Accelerator(
-        mixed_precision=training.mixed_precision,
+        mixed_precision=resolve_mixed_precision(training.mixed_precision, training.dtype),
         log_with=TRACKERS[training.report_to] or None,
         project_dir=str(logs),
     )
@@ -376,20 +395,35 @@ def make_ema(
     spec: EMASpec,
     model_class: type[ModelMixin],
     device: torch.device,
-) -> EMAModel | None:
-    """The EMA of the prepared network's parameters (sharded under FSDP, like them)."""
+    *,
+    file: Path | None = None,
+    processes: int = 1,
+) -> StudentEMA | None:
+    """The EMA of the prepared network's parameters (sharded under FSDP, like them), in memory
+    or in `file` (`training.ema.storage`, distill.ema)."""
     if not spec.enabled:
         return None
-    warmup = {}
-    if spec.warmup_power is not None:
-        warmup = {"use_ema_warmup": True, "power": spec.warmup_power}
-    ema = EMAModel(
-        unwrap_model(model).parameters(),
+    parameters = list(unwrap_model(model).parameters())
+    nbytes = sum(p.numel() * 4 for p in parameters)  # the average is fp32
+    storage = resolve_storage(
+        spec.storage, device_type=device.type, processes=processes, nbytes=nbytes
+    )
+    kwargs: dict[str, Any] = dict(
         decay=spec.decay,
         model_cls=model_class,
         model_config=unwrap_model(model).config,
-        **warmup,
+        every=default_every(storage, spec.every),
     )
+    if spec.warmup_power is not None:
+        kwargs |= {"use_ema_warmup": True, "power": spec.warmup_power}
+    if storage == "disk":
+        if processes > 1 or file is None:
+            raise UserInputError(
+                "training.ema.storage: disk is for one process; with several, keep the EMA in "
+                "memory (each process holds its part)"
+            )
+        return DiskEMA(parameters, path=file, **kwargs)
+    ema = StudentEMA(parameters, **kwargs)
     ema.to(device)
     return ema
 
@@ -402,7 +436,11 @@ def final_model(stage: Stage, accelerator: Accelerator, finish: bool = True) -> 
     model, the others None.
     """
     state = student_state(accelerator, stage.model)
-    shadows = full_tensors(stage.ema.shadow_params) if stage.ema is not None else None
+    shadows = None
+    if stage.ema is not None:  # with the pending steps of an EMA updated every k steps
+        shadows = stage.ema.averaged(unwrap_model(stage.model).parameters())  # one at a time
+        if accelerator.num_processes > 1:
+            shadows = full_tensors(list(shadows))  # collective: FSDP gathers each shard
     if not accelerator.is_main_process:
         return None
     trained = unwrap_model(stage.model)

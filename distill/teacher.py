@@ -36,13 +36,21 @@ class PipelineComponents:
     def vae(self) -> AutoencoderKL:
         return self.pipeline.vae
 
-    def conditioning(self, *, encoders: bool, device: torch.device | None = None) -> Conditioning:
+    def conditioning(
+        self,
+        *,
+        encoders: bool,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Conditioning:
         """The family's conditioning: tokenizers only for the cache; with `encoders`, its text
-        encoders frozen (eval, no grad) and on `device`, for the step."""
+        encoders frozen (eval, no grad), on `device` and in `dtype` (None: as loaded), for the
+        step. A frozen encoder held in the compute dtype of a bf16 run costs half its fp32
+        memory (SD v1's CLIP ViT-L: 246 MB instead of 492 MB) and no cast per step."""
         if encoders and device is not None:
             for name, module in self.pipeline.components.items():
                 if name.startswith("text_encoder") and module is not None:
-                    module.to(device).eval().requires_grad_(False)
+                    module.to(device, dtype).eval().requires_grad_(False)
         return self.family.conditioning(self.pipeline, encoders=encoders)
 
     def training_scheduler(self) -> DDPMScheduler:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from diffusers import ModelMixin
 from tqdm.auto import tqdm
 
 from distill.checkpoint import (
+    Checkpoint,
     NonFiniteWeights,
     ResumePlan,
     TrainingState,
@@ -39,15 +39,14 @@ from distill.checkpoint import (
     save_training_checkpoint,
 )
 from distill.kinds import ValidationSettings
+from distill.optimizer_step import PendingTerms, optimizer_step
 from distill.plan import plan_run
-from distill.precision import at_least_fp32
 from distill.preemption import Preempted, StopRequests
 from distill.recipe import Recipe
 from distill.run_folder import RunFolder
 from distill.run_log import RunLog, tracker_init_kwargs
 from distill.stage import Stage, StageBuilder, final_model, training_accelerator
-from distill.taps import unwrap_model
-from distill.update import guarded_update, scaler_is_calibrating
+from distill.update import scaler_is_calibrating
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -66,8 +65,9 @@ class LoopState:
     step: int  # optimizer steps done in this stage
     nonfinite_skipped: int
     consecutive_nonfinite: int = 0
-    terms: dict[str, float] = field(default_factory=dict)  # last step's, means over processes
+    terms: dict[str, float] = field(default_factory=dict)  # as of the last log step
     total: float | None = None
+    pending: PendingTerms | None = None  # the last applied step's, not yet fetched
     grad_norm: float = math.nan
     data_wait_s: float = 0.0  # time the last optimizer step waited for its data
 
@@ -161,17 +161,25 @@ class DistillationTrainer:
         try:
             for index in range(plan.first_stage, len(self.recipe.stages)):
                 resume_from = plan.checkpoint if index == plan.first_stage else None
-                stage = self.stages.build(index, resume_from)
-                try:
-                    state = self._train_stage(stage)
-                    if state is None:
-                        return None
-                    self._finish_stage(stage, state)
-                finally:
-                    stage.kind.close()
+                if not self._run_stage(index, resume_from):
+                    return None
             return self._save_final_pipeline()
         finally:
             self.cleanup()
+
+    def _run_stage(self, index: int, resume_from: Checkpoint | None) -> bool:
+        """Build, train and finish stage `index`; False when `stop_after_steps` interrupted it.
+        Its optimizer state, EMA and gradients are freed on return, before the next stage (or
+        the final pipeline) loads anything."""
+        stage = self.stages.build(index, resume_from)
+        try:
+            state = self._train_stage(stage)
+            if state is None:
+                return False
+            self._finish_stage(stage, state)
+            return True
+        finally:
+            stage.kind.close()
 
     def _train_stage(self, stage: Stage) -> LoopState | None:
         """The stage's steps from its start; None when `stop_after_steps` interrupted it."""
@@ -191,11 +199,12 @@ class DistillationTrainer:
             now = time.perf_counter()
             its, last_time = 1.0 / max(now - last_time, 1e-9), now
             bar.update(1)
-            bar.set_postfix(
-                {k: f"{v:.4g}" for k, v in state.terms.items() if "/" not in k}
-                | {"it/s": f"{its:.2f}"}
-            )
             if done % training.log_every == 0 or done == spec.steps:
+                self._fetch_terms(state)
+                bar.set_postfix(
+                    {k: f"{v:.4g}" for k, v in state.terms.items() if "/" not in k}
+                    | {"it/s": f"{its:.2f}"}
+                )
                 self.log.step(
                     stage=stage.name,
                     stage_index=stage.index,
@@ -225,46 +234,33 @@ class DistillationTrainer:
         return state
 
     def _optimizer_step(self, stage: Stage, state: LoopState) -> None:
-        """One optimizer step over `gradient_accumulation` micro-batches. Sets the loop state's
-        terms and total (means over micro-batches and processes), or skips the step when the
-        loss (on some process) or the gradient was not finite."""
-        accelerator, accumulation = self.accelerator, stage.plan.spec.gradient_accumulation
-        stage.model.train()
-        sums: dict[str, torch.Tensor] = {}
-        total_sum = torch.zeros((), device=accelerator.device)
+        """One optimizer step (`distill.optimizer_step`), or a skipped one when the loss (on
+        some process) or the gradient was not finite. The terms stay on the device
+        (`state.pending`) until a log step fetches them."""
         state.data_wait_s = 0.0
-        for micro in range(accumulation):
-            with ExitStack() as stack:
-                if micro < accumulation - 1:
-                    stack.enter_context(accelerator.no_sync(stage.model))
-                total, terms = self._loss_step(stage, state)
-                # Every process must agree before backward, or DDP's all-reduce would hang.
-                finite = torch.tensor(
-                    [float(torch.isfinite(total).item())], device=accelerator.device
-                )
-                if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
-                    for _ in range(accumulation - micro - 1):  # keep the stream on step
-                        next(stage.batches)
-                    return self._skip_step(stage, state)
-                accelerator.backward(total / accumulation)
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + at_least_fp32(value) / accumulation
-            total_sum = total_sum + at_least_fp32(total.detach()) / accumulation
-        applied, state.grad_norm = guarded_update(
-            accelerator, stage.model, stage.optimizer, self.recipe.training.max_grad_norm
+        outcome = optimizer_step(
+            self.accelerator,
+            stage.model,
+            stage.optimizer,
+            lambda: self._loss_step(stage, state),
+            accumulation=stage.plan.spec.gradient_accumulation,
+            max_grad_norm=self.recipe.training.max_grad_norm,
+            ema=stage.ema,
         )
-        if not applied:
-            return self._skip_step(stage, state, counts=not scaler_is_calibrating(accelerator))
+        state.grad_norm = outcome.grad_norm
+        if not outcome.applied:
+            calibrating = outcome.loss_finite and scaler_is_calibrating(self.accelerator)
+            return self._skip_step(stage, state, counts=not calibrating)
         state.consecutive_nonfinite = 0
         stage.lr_scheduler.step()  # the schedule, the EMA and the kind advance on applied steps
-        if stage.ema is not None:
-            stage.ema.step(unwrap_model(stage.model).parameters())
         stage.kind.after_update(stage.model)
-        # Logged values are means over processes, i.e. over the whole global batch.
-        names = list(sums)
-        stacked = torch.stack([sums[name] for name in names] + [total_sum])
-        means = accelerator.reduce(stacked, reduction="mean").tolist()
-        state.terms, state.total = dict(zip(names, means[:-1], strict=True)), means[-1]
+        state.pending = outcome.terms
+
+    def _fetch_terms(self, state: LoopState) -> None:
+        """The last applied step's terms and total, read from the device at a log step."""
+        if state.pending is not None:
+            state.terms, state.total = state.pending.fetch(self.accelerator)
+            state.pending = None
 
     def _stop_requested(self) -> bool:
         """Whether a stop signal reached any process: every process must stop at the same step,
@@ -353,7 +349,9 @@ class DistillationTrainer:
                 part: self.stages.load_part(part, folder)
                 for part, folder in self.folder.trained_parts(last).items()
             }
-            components = self.stages.stage_pipeline(last - 1).with_parts(parts)
+            # Loaded afresh: the frozen parts of the training copy were cast to the compute dtype
+            # (distill.stage), and the exported pipeline keeps them as the teacher stored them.
+            components = self.stages.stage_pipeline(last - 1, fresh=True).with_parts(parts)
             final = self.plan.stages[-1]
             self.folder.save_student_pipeline(
                 final.kind.sampling(components.pipeline, final.options)

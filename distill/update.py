@@ -20,30 +20,45 @@ def guarded_update(
     student: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float | None,
+    loss_finite: torch.Tensor | None = None,
 ) -> tuple[bool, float]:
-    """Clip and step the (prepared) optimizer unless a gradient is non-finite; always zero the
-    gradients. Returns (applied, gradient norm before clipping, of the process-averaged gradient).
+    """Clip and step the (prepared) optimizer unless a gradient (or, given `loss_finite`, the
+    step's loss) is non-finite; always zero the gradients. Returns (applied, gradient norm before
+    clipping, of the process-averaged gradient).
+
+    `loss_finite`: a 0-d bool tensor on the device, the same on every process (the trainer
+    reduces it), so that nothing before this call waits for the device: this call reads it and
+    the norm together, the step's one host synchronisation.
 
     When not applied, the weights and the optimizer state are exactly as before the call. The
     norm is the same on every process (DDP all-reduces the gradients first), so all processes
     agree on the decision.
     """
     # With max_grad_norm None the clip only measures: an infinite threshold never scales.
-    norm = float(accelerator.clip_grad_norm_(student.parameters(), max_grad_norm or math.inf))
+    norm = accelerator.clip_grad_norm_(student.parameters(), max_grad_norm or math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+    flags = torch.stack([torch.as_tensor(norm, dtype=torch.float32).reshape(())])
+    if loss_finite is not None:
+        flags = torch.cat([flags.to(loss_finite.device), loss_finite.float().reshape(1)])
+    values = flags.tolist()
+    norm_value, loss_ok = values[0], (len(values) == 1 or values[1] == 1.0)
     scaler = accelerator.scaler
     if scaler is not None:
         # GradScaler.step skips non-finite gradients, then update() lowers the scale: a lower
         # scale is the one reliable sign of a skip. (accelerate 1.15's `step_was_skipped` says
         # False for fused AdamW, which receives found_inf and skips inside its own kernel.)
         scale = scaler.get_scale()
-        optimizer.step()
-        applied = scaler.get_scale() >= scale
+        if loss_ok:
+            optimizer.step()  # accelerate's: scaler.step, then scaler.update
+        else:
+            scaler.update()  # a non-finite loss with finite gradients: no step, scaler in order
+        applied = loss_ok and scaler.get_scale() >= scale
     else:
-        applied = math.isfinite(norm)
+        applied = loss_ok and math.isfinite(norm_value)
         if applied:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return applied, norm
+    return applied, norm_value
 
 
 def scaler_is_calibrating(accelerator: Accelerator) -> bool:

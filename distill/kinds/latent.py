@@ -31,7 +31,9 @@ class LatentStageKind(StageKind):
     def __init__(self, setup: StageSetup) -> None:
         super().__init__(setup)
         self.cache = setup.data.latents()
-        self.conditioning = setup.components.conditioning(encoders=True, device=setup.device)
+        self.conditioning = setup.components.conditioning(
+            encoders=True, device=setup.device, dtype=setup.precision.compute
+        )
         self.noise_scheduler = setup.components.training_scheduler()
 
     @property

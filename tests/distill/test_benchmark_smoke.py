@@ -40,9 +40,34 @@ def test_tiny_step_prints_one_json_object_with_every_figure(capsys):
         "losses",
         "backward",
         "optimizer",
+        "ema",
     }
     assert printed["gflop"]["student_forward"] < printed["gflop"]["teacher_forward"]
-    assert printed["memory_gib"]["peak_rss"] >= printed["memory_gib"]["peak_rss_after_setup"] > 0
+    memory = printed["memory_gib"]
+    assert memory["peak"] >= memory["peak_after_setup"] > 0
+    # The split adds up to the peak; a toy's EMA is in memory ("auto"), as large as its weights.
+    assert sum(memory["components"].values()) == pytest.approx(memory["peak"])
+    assert memory["components"]["ema"] == memory["components"]["student"] > 0
+    assert printed["images_per_second"] == pytest.approx(1 / printed["step_seconds"]["median"])
+    assert (
+        0
+        < printed["fraction_of_bf16_peak"]
+        == pytest.approx(printed["gflop_per_second"] / printed["bf16_matmul_peak_gflop_per_second"])
+    )
+
+
+def test_tiny_step_runs_bk_sdm_losses_compiled_without_recompiling(capsys):
+    """The `--compile` path (regional, aot_eager here: inductor's C++ build takes minutes on 2
+    cores) settles in its warm-up: no new graph in the timed steps."""
+    benchmark = load_benchmark()
+    result = benchmark.main(
+        ["--tiny", "--threads", "1", "--steps", "2", "--losses", "bk-sdm", "--compile"]
+        + ["--compile-backend", "aot_eager", "--json"]
+    )
+    assert set(result["loss_terms"]) == {"task", "output_kd", "feature_kd", "total"}
+    assert result["compiled_blocks"] > 0
+    assert result["dynamo"]["end"] == result["dynamo"]["after_warmup"]
+    assert result["dynamo"]["end"]["graph_breaks"] == 0
 
 
 def test_tiny_step_runs_the_three_stage3_losses_with_unit_weights(capsys):

@@ -65,6 +65,8 @@ def tiny_recipe(tmp_path: Path, teachers: dict[str, Path], **training) -> dict:
             "keep_last": 2,
             "log_every": 1,
             "data_workers": 0,  # 4-sample batches: a worker process costs more than it saves
+            # fp32 on every CPU ("auto" would be bf16 on some CPUs only): recorded values hold.
+            "mixed_precision": "no",
             "ema": {"enabled": True, "decay": 0.9},
             **training,
         },
