@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -242,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             bar = b"stage 1/1"
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results[name] = timed_run(command, bar, log)
+        shutil.rmtree(out, ignore_errors=True)  # ~14 GB each: checkpoint, stage UNet, pipeline
         print(json.dumps({name: results[name]}), flush=True)
     results["load_average_end"] = os.getloadavg()
     print(json.dumps(results, indent=2))

@@ -32,9 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line as a namespace. Overrides may follow an option: argparse alone refuses
+    `distill run RECIPE --overwrite key=value` (a positional list ends at the first option), so
+    the leftover `key=value` words join the command's overrides."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = [word for word in extra if "=" in word and not word.startswith("-")]
+        if not hasattr(args, "overrides") or len(overrides) < len(extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
     try:
         return args.run(args)
     except UserInputError as error:

@@ -15,6 +15,7 @@ blocks rather than the depth of the network (PyTorch's regional compilation reci
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -36,12 +37,21 @@ def resolve_compile(setting: str | bool, device_type: str) -> bool:
     return bool(setting)
 
 
+# torch.compile's backend. `SD_DISTILL_COMPILE_BACKEND=aot_eager` traces the same graphs with no
+# code generation (the multi-process tests: inductor's C++ build takes minutes on 2 cores).
+BACKEND_VARIABLE = "SD_DISTILL_COMPILE_BACKEND"
+
+
+def default_backend() -> str:
+    return os.environ.get(BACKEND_VARIABLE, "inductor")
+
+
 def compile_regions(
     model: nn.Module,
     *,
     eager_paths: Iterable[str] = (),
     blocks: Sequence[str] = REPEATED_BLOCKS,
-    backend: str = "inductor",
+    backend: str | None = None,
     options: dict[str, Any] | None = None,
 ) -> int:
     """Compile, in place, every submodule of `model` (wrappers peeled) whose class is one of
@@ -54,6 +64,7 @@ def compile_regions(
     layer's output under the other's name; `tests/distill/test_compile.py` keeps it out.
     """
     tapped = tuple(eager_paths)
+    backend = backend or default_backend()
     compiled = 0
     for name, module in unwrap_model(model).named_modules():
         if type(module).__name__ in blocks and not any(

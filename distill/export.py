@@ -23,6 +23,7 @@ from core.families import resolve, unet_folder, unet_from_config
 from core.fingerprints import metrics_fingerprints, pipeline_fingerprint, short
 from distill.card_data import card_data
 from distill.kinds import stage_kind
+from distill.provenance import RunProvenance
 from distill.recipe import Recipe, validate_recipe
 from students import count_params
 
@@ -97,6 +98,18 @@ def evaluation_of(metrics: dict[str, Any] | None, pipeline_dir: Path) -> Evaluat
     return Evaluation(metrics, fingerprint)
 
 
+def _mixed_precision(recipe: Recipe, run_dir: Path) -> str:
+    """The recipe's setting, with what "auto" resolved to on the training machine (each stage's
+    record in provenance.json)."""
+    setting = recipe.training.mixed_precision
+    if setting != "auto":
+        return setting
+    resolved = sorted(
+        {str(s.get("mixed_precision")) for s in RunProvenance(run_dir).stages.values()} - {"None"}
+    )
+    return f"auto ({', '.join(resolved)})" if resolved else "auto"
+
+
 def load_run_recipe(run_dir: Path) -> Recipe:
     path = run_dir / "recipe.yaml"
     if not path.is_file():
@@ -147,7 +160,7 @@ def model_card(
         f"Data: `{_display(recipe.data.source)}` at {recipe.data.resolution} px"
         + (f", first {recipe.data.max_samples} samples" if recipe.data.max_samples else "")
         + (", random flips" if recipe.data.random_flip else "")
-        + f". Mixed precision: {recipe.training.mixed_precision}; EMA: "
+        + f". Mixed precision: {_mixed_precision(recipe, run_dir)}; EMA: "
         + (f"{recipe.training.ema.decay}" if recipe.training.ema.enabled else "off")
         + ".",
         "",

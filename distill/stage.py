@@ -101,7 +101,8 @@ class StageBuilder:
         self.progress = progress
         training = plan.recipe.training
         self.training = training
-        self.precision = Precision.of(training.mixed_precision, training.dtype)
+        self.mixed_precision = resolve_mixed_precision(training.mixed_precision, training.dtype)
+        self.precision = Precision.of(self.mixed_precision, training.dtype)
         self._loaded: dict[tuple, PipelineComponents] = {}
         self.provenance = RunProvenance(folder.root)
 
@@ -165,7 +166,12 @@ class StageBuilder:
     def check_unchanged_teacher(self, index: int) -> None:
         """Before resuming stage `index` mid-way: its teacher is the one it started with."""
         stage = self.plan.stages[index]
-        self.provenance.check(index, stage.name, teacher_fingerprint=stage.source.fingerprint)
+        self.provenance.check(
+            index,
+            stage.name,
+            teacher_fingerprint=stage.source.fingerprint,
+            mixed_precision=self.mixed_precision,  # "auto" may resolve otherwise on another host
+        )
 
     # ------------------------------------------------------------------ the stage
 
@@ -199,6 +205,7 @@ class StageBuilder:
                 teacher=stage.source.key,
                 teacher_fingerprint=stage.source.fingerprint,
                 cache_key=kind.rows.key,
+                mixed_precision=self.mixed_precision,  # "auto" as this machine resolved it
             )
         model = kind.prepare(model)
         if self.training.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
@@ -317,6 +324,11 @@ def training_accelerator(training: TrainingSpec, logs: Path) -> Accelerator:
             "DeepSpeed is not supported (the step guard, the EMA and checkpoints are built for "
             "DDP and FSDP): launch with DDP, or FSDP for a sharded student"
         )
+    if accelerator.device.type == "cuda":
+        # TF32 for the fp32 work of a mixed-precision step (the optimizer's norm, fp32 losses)
+        # and for fp32 runs: 10 mantissa bits for matmuls and convolutions, 8x the fp32 rate.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return accelerator
 
 

@@ -95,7 +95,10 @@ def noise_batch(
         mask = drop.reshape(-1, *([1] * empty.dim()))  # (B, 1, ...): broadcast over the value
         inputs[key] = torch.where(mask, empty[None], inputs[key])
 
-    latents, noise, timesteps = (t.to(device) for t in (latents, noise, timesteps))
+    # non_blocking: from the loader's pinned memory a copy to a GPU overlaps the host's work
+    latents, noise, timesteps = (
+        t.to(device, non_blocking=True) for t in (latents, noise, timesteps)
+    )
     noisy = scheduler.add_noise(latents, noise, timesteps)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     prediction_type = scheduler.config.prediction_type
@@ -104,7 +107,7 @@ def noise_batch(
     return NoisyBatch(
         noisy,
         timesteps,
-        {k: v.to(device) for k, v in inputs.items()},
+        {k: v.to(device, non_blocking=True) for k, v in inputs.items()},
         target,
         snr=alpha_bar / (1 - alpha_bar),
         prediction_type=prediction_type,

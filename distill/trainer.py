@@ -163,6 +163,10 @@ class DistillationTrainer:
                 resume_from = plan.checkpoint if index == plan.first_stage else None
                 if not self._run_stage(index, resume_from):
                     return None
+                # accelerate keeps a reference to every prepared model and optimizer: without
+                # this, the finished stage's AdamW state (4.3 GiB for SD's base student) would
+                # still be held while the next stage or the final pipeline loads.
+                self.accelerator.free_memory()
             return self._save_final_pipeline()
         finally:
             self.cleanup()

@@ -56,13 +56,14 @@ def test_tiny_step_prints_one_json_object_with_every_figure(capsys):
     )
 
 
+@pytest.mark.e2e  # 14 s of tracing; tests/distill/test_compile.py covers the engine in `make test`
 def test_tiny_step_runs_bk_sdm_losses_compiled_without_recompiling(capsys):
     """The `--compile` path (regional, aot_eager here: inductor's C++ build takes minutes on 2
     cores) settles in its warm-up: no new graph in the timed steps."""
     benchmark = load_benchmark()
     result = benchmark.main(
-        ["--tiny", "--threads", "1", "--steps", "2", "--losses", "bk-sdm", "--compile"]
-        + ["--compile-backend", "aot_eager", "--json"]
+        ["--tiny", "--threads", "1", "--steps", "1", "--warmup-steps", "1", "--losses", "bk-sdm"]
+        + ["--compile", "--compile-backend", "aot_eager", "--json"]
     )
     assert set(result["loss_terms"]) == {"task", "output_kd", "feature_kd", "total"}
     assert result["compiled_blocks"] > 0

@@ -33,15 +33,23 @@ def _one_stage(tmp_path: Path, teachers: dict, name: str, batch_size: int) -> di
 
 
 @pytest.mark.e2e
-def test_two_process_run_matches_one_process_and_only_rank_0_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_process_run_matches_one_process_and_only_rank_0_writes(
+    tmp_path: Path, monkeypatch, compiled: bool
+) -> None:
+    """Compiled: regional compile under DDP (dynamo's aot_eager backend, the graphs inductor
+    would get), in both runs."""
+    monkeypatch.setenv("SD_DISTILL_COMPILE_BACKEND", "aot_eager")
     teachers = {
         "a": make_tiny_pipeline(tmp_path / "a", 1),
         "b": make_tiny_pipeline(tmp_path / "b", 2),
     }
     single = _one_stage(tmp_path, teachers, "single", batch_size=4)
+    single["training"]["compile"] = compiled
     DistillationTrainer(validate_recipe(single), progress=False).train()
 
     double = _one_stage(tmp_path, teachers, "double", batch_size=2)
+    double["training"]["compile"] = compiled
     recipe_file = tmp_path / "double.yaml"
     recipe_file.write_text("# test\n" + yaml.safe_dump(double))
     # accelerate 1.15's `launch --cpu --num_processes 2` starts ONE process (its simple launcher);

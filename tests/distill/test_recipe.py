@@ -242,3 +242,15 @@ def test_cli_unreadable_recipe_is_refused(tmp_path: Path, capsys) -> None:
     assert "cannot read recipe" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("stages: [unclosed")
     assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+
+
+def test_overrides_may_come_after_an_option() -> None:
+    from cli.main import parse
+
+    before = parse(["run", "recipe.yaml", "a=1", "--overwrite", "b.c=2"])
+    assert before.overwrite and before.overrides == ["a=1", "b.c=2"]
+    after = parse(["cache", "recipe.yaml", "--no-progress", "data.source=x"])
+    assert after.overrides == ["data.source=x"]
+    with pytest.raises(SystemExit) as refused:  # not an override: refused as argparse would
+        parse(["run", "recipe.yaml", "--overwrite", "stray"])
+    assert refused.value.code == 2
