@@ -27,6 +27,18 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield folder
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state() -> Iterator[None]:
+    """accelerate's AcceleratorState is a process-wide singleton that refuses a second mixed
+    precision (accelerate 1.15): a test that built a bf16 Accelerator (the SD-step benchmark,
+    the compile tests) would fail the next fp32 run on the same worker. Each test starts clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 @pytest.fixture
 def tiny_teacher() -> UNet2DConditionModel:
     return make_tiny_teacher()
