@@ -12,7 +12,13 @@ import yaml
 from cli import main
 from core.errors import UserInputError
 from distill.plan import plan_run
-from distill.recipe import apply_override, load_recipe, resolve_paths, validate_recipe
+from distill.recipe import (
+    TrainingSpec,
+    apply_override,
+    load_recipe,
+    resolve_paths,
+    validate_recipe,
+)
 from distill.stage import make_optimizer
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -254,3 +260,20 @@ def test_overrides_may_come_after_an_option() -> None:
     with pytest.raises(SystemExit) as refused:  # not an override: refused as argparse would
         parse(["run", "recipe.yaml", "--overwrite", "stray"])
     assert refused.value.code == 2
+
+
+def test_auto_mixed_precision_is_bf16_only_where_the_device_computes_it(monkeypatch) -> None:
+    import distill.precision as precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type: True)
+    assert precision.resolve_mixed_precision("auto") == "bf16"
+    assert precision.Precision.of("auto").compute == torch.bfloat16
+    assert precision.resolve_mixed_precision("auto", "float64") == "no"  # a reference run
+    assert precision.resolve_mixed_precision("fp16") == "fp16"  # an explicit choice stays
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type: False)
+    assert precision.resolve_mixed_precision("auto") == "no"
+    assert precision.Precision.of("auto").compute == torch.float32
+    reference = {"dtype": "float64"}
+    assert TrainingSpec(**reference).mixed_precision == "auto"  # the default passes
+    with pytest.raises(ValueError, match="float64"):
+        TrainingSpec(**reference, mixed_precision="bf16")
