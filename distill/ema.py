@@ -36,8 +36,9 @@ import torch
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 
-# A disk EMA pays its read and write of the whole network once per update: every 10 steps costs
-# ~0.1 s a step for SD's base student on a CPU (a step there is ~13 s).
+# A disk EMA pays its read and write of the whole network once per update: 1.45 s for SD's base
+# student on this project's 2-core CPU (`sd_step.py --ema-storage disk --ema-every 1`), so every
+# 10 steps is ~0.15 s a step, about what the in-memory update costs every step (0.14 s).
 DISK_EVERY = 10
 # "auto" puts the EMA on disk when training on a CPU in one process and the average is at least
 # this large: an SD-scale student's (2.3 GB) competes with the optimizer for RAM, a toy's does not.
@@ -98,7 +99,11 @@ class StudentEMA(EMAModel):
 class ShadowFile(Sequence[torch.Tensor]):
     """Tensors "0", "1", ... of a safetensors file, each read when indexed and rewritten in place
     (`write`): the file's layout (header, then each tensor's bytes at a fixed offset) never
-    changes, so an update is one read and one write per tensor."""
+    changes, so an update is one read and one write per tensor.
+
+    safetensors 0.8 writes whole files only and does not expose a tensor's byte offsets, so the
+    header is read here per its format (an 8-byte little-endian length, then JSON with each
+    tensor's dtype, shape and data_offsets relative to the end of the header)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -124,11 +129,9 @@ class ShadowFile(Sequence[torch.Tensor]):
         with self.path.open("rb") as handle:
             handle.seek(offset)
             data = bytearray(handle.read(size))
-        return (
-            torch.frombuffer(data, dtype=torch.float32).reshape(shape)
-            if size
-            else (torch.zeros(shape, dtype=torch.float32))
-        )
+        if not size:  # an empty tensor: frombuffer refuses an empty buffer
+            return torch.zeros(shape, dtype=torch.float32)
+        return torch.frombuffer(data, dtype=torch.float32).reshape(shape)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return (self[i] for i in range(len(self)))
