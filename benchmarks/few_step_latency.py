@@ -40,10 +40,14 @@ from students import count_params, student_config
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
-def random_sd_pipeline(dtype: torch.dtype) -> StableDiffusionPipeline:
-    """SD v1.4's components with random weights, the `base` student as the UNet."""
+def random_sd_pipeline(
+    dtype: torch.dtype, unet_config: dict[str, Any] | None = None
+) -> StableDiffusionPipeline:
+    """SD v1.4's components with random weights (seeded); the UNet from `unet_config`, by
+    default the `base` student's."""
     torch.manual_seed(0)
-    unet = unet_from_config(student_config(builtin_config("sd-v1-4"), "base"), device="cpu")
+    config = unet_config or student_config(builtin_config("sd-v1-4"), "base")
+    unet = unet_from_config(config, device="cpu")
     scheduler = PNDMScheduler(
         **SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1
     )

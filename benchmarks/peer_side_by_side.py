@@ -80,24 +80,11 @@ def build_world(work: Path) -> tuple[Path, Path]:
     pipeline_dir, images_dir = work / "sd-v1-4-random", work / "images"
     if not (pipeline_dir / "model_index.json").exists():
         import torch
-        from diffusers import AutoencoderKL, PNDMScheduler
-        from encode_throughput import SD_TEXT, SD_VAE
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from few_step_latency import random_sd_pipeline
 
-        from core.families import builtin_config, family_named, unet_from_config
-        from offline.tiny_models import SD_SCHEDULE
-        from offline.tokenizer import build_clip_tokenizer
+        from core.families import builtin_config
 
-        torch.manual_seed(0)
-        pipeline = family_named("sd").assemble(
-            vae=AutoencoderKL(**SD_VAE),
-            unet=unet_from_config(builtin_config("sd-v1-4")),
-            scheduler=PNDMScheduler(
-                **SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1
-            ),
-            text_encoders=(CLIPTextModel(CLIPTextConfig(**SD_TEXT)),),
-            tokenizers=(build_clip_tokenizer(),),
-        )
+        pipeline = random_sd_pipeline(torch.float32, builtin_config("sd-v1-4"))  # the teacher
         pipeline.save_pretrained(pipeline_dir, safe_serialization=True)
     if not (images_dir / "metadata.jsonl").exists():
         import numpy as np

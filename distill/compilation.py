@@ -84,13 +84,6 @@ def compile_regions(
     return compiled
 
 
-def tapped_paths(losses: Sequence[Any]) -> tuple[list[str], list[str]]:
-    """(student paths, teacher paths) that `losses` tap: the modules whose blocks stay eager."""
-    student = [path for loss in losses for path in loss.tapped_paths()[0]]
-    teacher = [path for loss in losses for path in loss.tapped_paths()[1]]
-    return student, teacher
-
-
 def compiled_block_count(model: nn.Module) -> int:
     """How many submodules of `model` run compiled (0 for an eager network)."""
     return sum(

@@ -162,11 +162,10 @@ class DiskEMA(StudentEMA):
     ):
         parameters = list(parameters)
         self._file: ShadowFile | None = None
-        self._path = Path(path)
         # EMAModel clones every parameter into `shadow_params` (the setter below writes them to
         # the file instead); the meta device makes those clones free.
         super().__init__([p.to("meta") for p in parameters], every=every, **kwargs)
-        self._file = ShadowFile.create(self._path, parameters)
+        self._file = ShadowFile.create(Path(path), parameters)
 
     @property
     def shadow_params(self) -> Sequence[torch.Tensor]:  # type: ignore[override]

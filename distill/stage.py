@@ -34,7 +34,7 @@ from diffusers.optimization import get_scheduler
 from core.errors import UserInputError
 from core.paths import default_cache_root
 from distill.checkpoint import Checkpoint, restore_training_checkpoint
-from distill.compilation import compile_regions, resolve_compile, tapped_paths
+from distill.compilation import compile_regions, resolve_compile
 from distill.data import (
     LatentCache,
     PreprocessSpec,
@@ -54,6 +54,7 @@ from distill.provenance import RunProvenance
 from distill.recipe import DataSpec, EMASpec, TrainingSpec
 from distill.run_folder import RunFolder
 from distill.run_log import TRACKERS
+from distill.step import tapped_paths
 from distill.step_randomness import EpochOrder
 from distill.taps import unwrap_model
 from distill.teacher import (

@@ -114,6 +114,13 @@ def noise_batch(
     )
 
 
+def tapped_paths(losses: Sequence[Loss]) -> tuple[list[str], list[str]]:
+    """(student paths, teacher paths) that `losses` read features from, in loss order."""
+    student = [path for loss in losses for path in loss.tapped_paths()[0]]
+    teacher = [path for loss in losses for path in loss.tapped_paths()[1]]
+    return student, teacher
+
+
 class StepTaps:
     """The feature taps a set of losses reads, on the student and the frozen teacher: registered
     once for a stage (entered), cleared around every step, removed on exit. Registering hooks
@@ -122,8 +129,7 @@ class StepTaps:
     def __init__(
         self, student: nn.Module, teacher: FrozenTeacher | None, losses: Sequence[Loss]
     ) -> None:
-        student_paths = [path for loss in losses for path in loss.tapped_paths()[0]]
-        teacher_paths = [path for loss in losses for path in loss.tapped_paths()[1]]
+        student_paths, teacher_paths = tapped_paths(losses)
         self.student = FeatureTaps(student, student_paths)
         self.teacher = None
         if teacher is not None and any(loss.reads_teacher for loss in losses):

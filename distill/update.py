@@ -37,11 +37,11 @@ def guarded_update(
     # With max_grad_norm None the clip only measures: an infinite threshold never scales.
     norm = accelerator.clip_grad_norm_(student.parameters(), max_grad_norm or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-    flags = torch.stack([torch.as_tensor(norm, dtype=torch.float32).reshape(())])
+    checks = [torch.as_tensor(norm, dtype=torch.float32).reshape(())]
     if loss_finite is not None:
-        flags = torch.cat([flags.to(loss_finite.device), loss_finite.float().reshape(1)])
-    values = flags.tolist()
-    norm_value, loss_ok = values[0], (len(values) == 1 or values[1] == 1.0)
+        checks.append(loss_finite.to(checks[0].device, torch.float32).reshape(()))
+    norm_value, *loss_flag = torch.stack(checks).tolist()  # the one host synchronisation
+    loss_ok = not loss_flag or loss_flag[0] == 1.0
     scaler = accelerator.scaler
     if scaler is not None:
         # GradScaler.step skips non-finite gradients, then update() lowers the scale: a lower

@@ -21,7 +21,7 @@ from accelerate.state import AcceleratorState
 from distill.compilation import compile_regions, compiled_block_count, dynamo_counters
 from distill.losses import build_losses, validate_loss_blocks
 from distill.optimizer_step import optimizer_step
-from distill.step import StepTaps, distillation_losses, noise_batch
+from distill.step import StepTaps, distillation_losses, noise_batch, tapped_paths
 from distill.taps import FeatureTaps
 from distill.teacher import FrozenTeacher
 from offline.tiny_models import training_noise_scheduler
@@ -78,8 +78,7 @@ def _train(compiled: bool, steps: int, backend: str = "aot_eager") -> dict:
     losses = build_losses(validate_loss_blocks(LOSSES), student.config, teacher.config)
     # Probes on the losses' own paths, registered (like the stage's taps) before compiling;
     # the step clears its taps after use, the probes keep the last step's features.
-    student_paths = [path for loss in losses for path in loss.tapped_paths()[0]]
-    teacher_paths = [path for loss in losses for path in loss.tapped_paths()[1]]
+    student_paths, teacher_paths = tapped_paths(losses)
     probes = ExitStack()
     student_probe = probes.enter_context(FeatureTaps(model, student_paths, detach=True))
     teacher_probe = probes.enter_context(FeatureTaps(teacher.unet, teacher_paths, detach=True))
