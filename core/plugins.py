@@ -13,6 +13,15 @@ family without the engine importing it. Declared in a pyproject.toml:
 
     [project.entry-points."sd_distill.families"]
     sd = "core.families.sd:StableDiffusion"                    # a core.families.ModelFamily
+
+    [project.entry-points."sd_distill.prompt_sets"]
+    fashion = "offline.fashion_mnist:fashion_prompts"          # (num, seed) -> list[str]
+
+    [project.entry-points."sd_distill.metrics"]
+    in_domain = "offline.in_domain:FashionInDomain"            # an eval.metrics.Metric
+
+    [project.entry-points."sd_distill.judges"]
+    fashion-mnist = "offline.in_domain:load_judge"             # (settings, device, ...) -> judge
 """
 
 from __future__ import annotations
@@ -24,6 +33,9 @@ SOURCES = "sd_distill.sources"
 RECIPE_KINDS = "sd_distill.recipe_kinds"
 STAGE_KINDS = "sd_distill.stage_kinds"
 FAMILIES = "sd_distill.families"
+METRICS = "sd_distill.metrics"
+PROMPT_SETS = "sd_distill.prompt_sets"
+JUDGES = "sd_distill.judges"
 
 
 def registered(group: str) -> dict[str, Any]:

@@ -20,9 +20,11 @@ from tqdm import tqdm
 
 from core.errors import UserInputError
 from core.fingerprints import short
+from core.plugins import JUDGES, registered
 from distill.compare import Entry, PlannedRun, compute_of, scale_tag
 from eval.comparison_report import ComparisonReport, ScoredRun, build_report, resampled_cells
-from eval.model_scores import GenerationSettings, score_model
+from eval.generate import GenerationSettings
+from eval.model_scores import score_model
 
 
 def score_comparison(
@@ -47,10 +49,8 @@ def score_comparison(
     order, baseline and compute come from `entries` at `scale`. `judge_settings`: the in-domain
     classifier's `ClassifierSettings` (None: its defaults)."""
     from cli.commands.evaluate import resolve_reference
-    from eval.fashion_classifier import load_fashion_classifier
     from eval.fid import reference_statistics
     from eval.fid_bootstrap import resamples as half_samples
-    from eval.in_domain import is_fashion_prompt_set
     from eval.inception import load_inception, resolve_inception_weights, weights_digest
     from eval.prompts import load_prompts
     from eval.protocols import get_protocol
@@ -62,7 +62,7 @@ def score_comparison(
         num_inference_steps=protocol.num_inference_steps,
         guidance_scale=protocol.guidance_scale,
         scheduler=protocol.scheduler,
-        base_seed=protocol.seed,
+        seed=protocol.seed,
         batch_size=batch_size,
         height=protocol.height,
         width=protocol.width,
@@ -74,12 +74,7 @@ def score_comparison(
     statistics = reference_statistics(
         reference_data, inception, resize_to=resize, device=device, progress=progress
     )
-    judge = None
-    if is_fashion_prompt_set(prompts):
-        try:
-            judge = load_fashion_classifier(judge_settings, device=device, progress=progress)
-        except UserInputError as reason:  # no Fashion-MNIST data: no class accuracy
-            print(f"distill compare: no class accuracy: {reason}", file=sys.stderr)
+    judge = _judge(prompts, judge_settings, device, progress)
     draws = half_samples(len(prompts), resamples, seed=protocol.seed)
     common = {
         "inception": inception,
@@ -185,3 +180,17 @@ def _settings(
         "recipe_files": {entry.name: str(entry.path) for entry in entries},
         "compute": "optimizer steps x batch x gradient accumulation, summed over stages",
     }
+
+
+def _judge(prompts: Sequence[str], settings: Any, device: torch.device, progress: bool) -> Any:
+    """The first registered judge (entry point group `sd_distill.judges`: the offline world's
+    Fashion-MNIST classifier) that applies to `prompts`, or None: no class accuracy."""
+    for name, point in registered(JUDGES).items():
+        try:
+            judge = point.load()(settings, device=device, progress=progress)
+        except UserInputError as reason:  # e.g. no Fashion-MNIST data
+            print(f"distill compare: no class accuracy from {name}: {reason}", file=sys.stderr)
+            continue
+        if judge.applies(prompts):
+            return judge
+    return None

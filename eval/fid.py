@@ -47,7 +47,13 @@ from eval.fid_bootstrap import (
     bootstrap,
 )
 from eval.image_io import list_images, uint8_batches
-from eval.inception import FEATURE_DIM, load_inception, resolve_inception_weights, weights_digest
+from eval.inception import (
+    FEATURE_DIM,
+    load_inception,
+    preprocessed_input,
+    resolve_inception_weights,
+    weights_digest,
+)
 from eval.results import MetricResult, MetricUnavailable
 
 # Changes whenever the preprocessing in front of the network changes (it is part of the cache key).
@@ -134,8 +140,10 @@ def image_statistics(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "Inception features",
+    preprocessing: str = "torch-fidelity",
 ) -> FIDStatistics:
-    """(μ, Σ) of the pool3 features of `images` (paths or PIL images); ≥ 2 images required."""
+    """(μ, Σ) of the pool3 features of `images` (paths or PIL images); ≥ 2 images required.
+    `preprocessing`: how images reach the network (`eval.inception.PREPROCESSINGS`)."""
     if len(images) < 2:
         raise UserInputError(f"FID needs at least 2 images per set, got {len(images)}")
     inception = inception if inception is not None else load_inception(device=device)
@@ -143,7 +151,9 @@ def image_statistics(
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
     with torch.inference_mode():
         for batch in uint8_batches(images, batch_size, resize_to):  # (B, 3, H, W) uint8
-            accumulator.update(inception(batch.to(device)))  # (B, 2048)
+            batch = batch.to(device)
+            with preprocessed_input(inception, batch, preprocessing):
+                accumulator.update(inception(batch))  # (B, 2048)
             bar.update(len(batch))
     bar.close()
     return accumulator.statistics()
@@ -293,17 +303,18 @@ def reference_statistics(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    preprocessing: str = "torch-fidelity",
 ) -> FIDStatistics:
     """Statistics of a reference: an `.npz` (`mu`, `sigma`), an image folder or a
     `datasets.Dataset` whose `image_column` holds images. Folder and dataset statistics are cached
-    (key: reference content + Inception weights + `resize_to`)."""
+    (key: reference content + Inception weights + `resize_to` + `preprocessing`)."""
     if is_npz_reference(reference):
         return FIDStatistics.load(reference)
     images = reference_images(reference, image_column)
     weights = resolve_inception_weights(weights_path, cache_dir)
     key = hashlib.sha256(
         f"{_content_key(reference, images, image_column)}|{weights_digest(weights)}|"
-        f"{PREPROCESSING_ID}|{resize_to}".encode()
+        f"{PREPROCESSING_ID}|{resize_to}{_preprocessing_key(preprocessing)}".encode()
     ).hexdigest()[:32]
     cache_file = Path(cache_dir or default_cache_root()) / "fid-stats" / f"{key}.npz"
     if cache_file.is_file():
@@ -318,6 +329,7 @@ def reference_statistics(
         device=device,
         progress=progress,
         desc="FID reference",
+        preprocessing=preprocessing,
     )
     with atomic_path(cache_file) as partial:  # the pid in its name: concurrent runs never collide
         statistics.save(partial)
@@ -418,6 +430,11 @@ def reference_detail(n: int, reference_stats: FIDStatistics, reference: Any) -> 
         f"{n} generated vs {n_reference} reference images ({_describe(reference)}); "
         "TF-Inception pool3 via torchmetrics"
     )
+
+
+def _preprocessing_key(preprocessing: str) -> str:
+    """Nothing for the default (statistics cached before the choice existed stay valid)."""
+    return "" if preprocessing == "torch-fidelity" else f"|{preprocessing}"
 
 
 def is_npz_reference(reference: Any) -> bool:

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -37,6 +41,13 @@ TORCH_FIDELITY_SHA256_PREFIX = "6726825d"  # the hash in torch-fidelity's file n
 CONVERTED_FILE = "inception-2015-12-05-from-fid-helper.pth"
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008  # the TF graph's softmax head: 1000 ImageNet classes + 8 unused
+INPUT_SIZE = 299
+# How images reach the network: torch-fidelity's (torchmetrics', the default) or pytorch-fid's
+# (what BK-SDM's FID ran), on the same weights.
+PREPROCESSINGS = {
+    "torch-fidelity": "uint8, TF1-compatible bilinear resize to 299, (x-128)/128",
+    "pytorch-fid": "pytorch-fid's: [0,1] floats, bilinear resize to 299 (no corners), 2x-1",
+}
 
 
 # TF graph names in the TorchScript → module names in torch-fidelity's FeatureExtractorInceptionV3.
@@ -246,13 +257,14 @@ def has_classifier_head(weights_path: Path) -> bool:
 
 
 def load_inception(
-    features: str = str(FEATURE_DIM),
+    features: str | Sequence[str] = str(FEATURE_DIM),
     weights_path: str | Path | None = None,
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
 ) -> NoTrainInceptionV3:
     """torchmetrics' Inception (torch-fidelity's network) returning `features` ("2048" or
-    "logits_unbiased") for (B, 3, H, W) uint8 images of any size, kept in fp32.
+    "logits_unbiased"; a list: all of them from one forward, through `_torch_fidelity_forward`)
+    for (B, 3, H, W) uint8 images of any size, kept in fp32.
 
     `antialias=False` keeps torch-fidelity's TF1-compatible bilinear resize to 299: torchmetrics
     defaults to an antialiased resize, which gives different features from the standard FID.
@@ -263,8 +275,33 @@ def load_inception(
     torch.load(path, map_location="cpu", weights_only=True)
     network = NoTrainInceptionV3(
         name="inception-v3-compat",
-        features_list=[features],
+        features_list=[features] if isinstance(features, str) else list(features),
         feature_extractor_weights_path=str(path),
         antialias=False,
     )
     return network.to(device=device, dtype=torch.float32)
+
+
+def pytorch_fid_input(batch: torch.Tensor) -> torch.Tensor:
+    """pytorch-fid's network input for uint8 (B, 3, H, W): `ToTensor` scaling, its resize, 2x−1."""
+    x = batch.float() / 255  # torchvision's ToTensor on a PIL image
+    x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    return 2 * x - 1  # (B, 3, 299, 299)
+
+
+@contextmanager
+def preprocessed_input(network: Any, batch: torch.Tensor, preprocessing: str) -> Iterator[None]:
+    """Inside the block, `network(batch)` sees `batch` through `preprocessing` (PREPROCESSINGS):
+    torch-fidelity's is the network's own; pytorch-fid's replaces the input of its first
+    convolution with `pytorch_fid_input(batch)`."""
+    if preprocessing not in PREPROCESSINGS:
+        raise ValueError(f"unknown preprocessing {preprocessing!r}")
+    if preprocessing == "torch-fidelity":
+        yield
+        return
+    replacement = pytorch_fid_input(batch).to(torch.float32)
+    handle = network.Conv2d_1a_3x3.register_forward_pre_hook(lambda _, args: (replacement,))
+    try:
+        yield
+    finally:
+        handle.remove()

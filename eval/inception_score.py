@@ -1,4 +1,5 @@
-"""Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) ‖ p(y))), by torchmetrics.
+"""Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) ‖ p(y))), by torchmetrics, from
+logits computed elsewhere (the feature pass of `eval.metrics.features`, the in-domain judge).
 
 It needs the Inception classifier head. torch-fidelity's weights (`weights-inception-2015-12-05-
 6726825d.pth`, the network BK-SDM's IS used via `fidelity --isc`) have it; the offline fid-helper
@@ -9,24 +10,19 @@ torch hub cache, or downloadable, and is "unavailable: <reason>" otherwise.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
+from torch import nn
 from torchmetrics.image.inception import InceptionScore
-from tqdm.auto import tqdm
 
-from core.errors import UserInputError
-from eval.image_io import uint8_batches
 from eval.inception import (
     TORCH_FIDELITY_FILE,
     download_torch_fidelity_weights,
     has_classifier_head,
-    load_inception,
     torch_fidelity_cached_weights,
 )
-from eval.results import MetricResult, MetricUnavailable
+from eval.results import MetricUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -60,40 +56,14 @@ def classifier_weights(weights_path: str | Path | None = None, allow_download: b
         raise MetricUnavailable(NO_HEAD_REASON) from error
 
 
-def inception_score(
-    images: Sequence[str | Path | Image.Image],
-    *,
-    weights_path: str | Path | None = None,
-    allow_download: bool = True,
-    splits: int = 10,
-    seed: int = 0,
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> MetricResult:
-    """Inception Score of `images` (mean over `splits` groups; the std goes into `detail`).
-
-    torchmetrics shuffles the images before splitting; `seed` fixes that shuffle.
-    """
-    if len(images) < splits:
-        raise UserInputError(f"Inception Score with {splits} splits needs ≥ {splits} images")
-    try:
-        weights = classifier_weights(weights_path, allow_download)
-    except MetricUnavailable as reason:
-        return MetricResult.missing(str(reason), detail=NO_HEAD_DETAIL)
-    network = load_inception("logits_unbiased", weights_path=weights, device=device)
-    metric = InceptionScore(feature=network, splits=splits)
-    bar = tqdm(total=len(images), desc="Inception Score", unit="img", disable=not progress)
-    with torch.inference_mode():
-        for batch in uint8_batches(images, batch_size):  # (B, 3, H, W) uint8
-            metric.update(batch.to(device))
-            bar.update(len(batch))
-    bar.close()
+def inception_score_of_logits(
+    logits: torch.Tensor, splits: int, seed: int = 0
+) -> tuple[float, float]:
+    """(mean, std over splits) of the Inception Score of (N, C) logits, by torchmetrics (which
+    shuffles before splitting; `seed` fixes that shuffle)."""
+    metric = InceptionScore(feature=nn.Identity(), splits=splits)
+    metric.update(logits.detach().to("cpu", torch.float64))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         mean, std = metric.compute()
-    return MetricResult(
-        value=float(mean),
-        n=len(images),
-        detail=f"{splits} splits, std {float(std):.4g}; torch-fidelity Inception via torchmetrics",
-    )
+    return float(mean), float(std)

@@ -1,5 +1,6 @@
 """What a comparison needs of one model, computed once and kept: its images' Inception features
-and, for Fashion-MNIST prompts, whether the judge sees each image's prompted class.
+and, where a registered judge applies (the offline world's, for Fashion-MNIST prompts), whether
+it sees each image's prompted class.
 
     FOLDER/images/000000.png ...     (eval.generate: reused while the weights and settings hold)
     FOLDER/scores.safetensors        features (n, 2048) float32, correct (n,) float32; the metadata
@@ -14,7 +15,7 @@ import gc
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,33 +26,13 @@ from core.atomic import atomic_path
 from core.families import load_pipeline
 from core.fingerprints import pipeline_fingerprint
 from eval.fid import image_features
-from eval.generate import generate_images
-from eval.in_domain import is_fashion_prompt_set, judged_correct, prompt_classes
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Every setting a comparison's images depend on, the same for each model (a model's own
-    `num_inference_steps` may differ: a few-step student is scored at its step count). `height`,
-    `width` None: the pipeline's native size; `output_size`: resize the saved squares."""
-
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
-    scheduler: str = "pndm"
-    base_seed: int = 0
-    batch_size: int = 50
-    height: int | None = None
-    width: int | None = None
-    output_size: int | None = None
-
-    def with_steps(self, steps: int | None) -> GenerationSettings:
-        return self if steps is None else replace(self, num_inference_steps=steps)
+from eval.generate import GenerationSettings, generate_images
 
 
 @dataclass(frozen=True)
 class ModelScores:
-    """Row i: prompt i, seed base_seed + i. `correct` is None when the prompts are not
-    Fashion-MNIST captions (no in-domain judge applies)."""
+    """Row i: prompt i, seed `settings.seed` + i. `correct` is None when no judge applies (the
+    offline world's judge: Fashion-MNIST captions only)."""
 
     features: torch.Tensor  # (n, 2048) float32
     correct: torch.Tensor | None  # (n,) float32: 1.0 where the judge agrees with the prompt
@@ -85,14 +66,7 @@ def score_model(
         pipeline,
         list(prompts),
         folder / "images",
-        base_seed=settings.base_seed,
-        num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale,
-        height=settings.height,
-        width=settings.width,
-        output_size=settings.output_size,
-        scheduler=settings.scheduler,
-        batch_size=settings.batch_size,
+        settings,
         fingerprint=fingerprint,
         progress=progress,
         desc=f"generate {desc}",
@@ -103,9 +77,8 @@ def score_model(
         images.paths, inception, device=device, progress=progress, desc=f"features {desc}"
     )
     correct = None
-    if judge is not None and is_fashion_prompt_set(prompts):
-        labels = torch.tensor(prompt_classes(prompts))  # (n,)
-        correct = judged_correct(images.paths, labels, judge)  # (n,)
+    if judge is not None and judge.applies(prompts):
+        correct = judge.correct(images.paths, prompts)  # (n,)
     scores = ModelScores(features, correct, fingerprint, images.settings)
     _save(folder / "scores.safetensors", key, scores)
     return scores

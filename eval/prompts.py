@@ -6,8 +6,10 @@
     `$SD_DISTILL_COCO_CAPTIONS`: BK-SDM's `data/mscoco_val2014_30k/metadata.csv` (columns
     `file_name,text`; exactly their 30K), COCO's `captions_val2014.json` (one caption per image:
     the lowest annotation id, images by id), or a text file with one caption per line;
-  - `fashion`: captions of the 10 Fashion-MNIST classes ("a photo of a Dress", ...), class-balanced
-    (class i at positions i, i+10, ...), the same templates the offline training captions use;
+  - a registered prompt set (entry point group `sd_distill.prompt_sets`, `(num, seed) -> list`):
+    the offline world's `fashion`, captions of the 10 Fashion-MNIST classes ("a photo of a
+    Dress", ...), class-balanced (class i at positions i, i+10, ...), the same templates its
+    training captions use;
   - anything else: a text file, one prompt per line (blank lines skipped).
 """
 
@@ -19,12 +21,12 @@ import os
 from pathlib import Path
 
 from core.errors import UserInputError
+from core.plugins import PROMPT_SETS, registered
 
 COCO30K = "coco30k"
-FASHION = "fashion"
 COCO_CAPTIONS_ENV = "SD_DISTILL_COCO_CAPTIONS"
 COCO30K_SIZE = 30_000
-FASHION_DEFAULT_SIZE = 100  # 10 per class
+PROMPT_SET_DEFAULT_SIZE = 100  # a registered set's size when none is asked for
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -80,13 +82,6 @@ def coco30k_prompts(captions_path: str | Path | None = None, num: int = COCO30K_
     return captions[:num]
 
 
-def fashion_class_prompts(num: int = FASHION_DEFAULT_SIZE, seed: int = 0) -> list[str]:
-    """`num` class-balanced Fashion-MNIST captions; the same (num, seed) gives the same list."""
-    from offline.fashion_mnist import fashion_prompts
-
-    return fashion_prompts(num, seed)
-
-
 def load_prompts(
     spec: str | Path,
     num: int | None = None,
@@ -100,8 +95,9 @@ def load_prompts(
         raise UserInputError(f"number of prompts must be positive, got {num}")
     if str(spec) == COCO30K:
         return coco30k_prompts(coco_captions_path, num or COCO30K_SIZE)
-    if str(spec) == FASHION:
-        return fashion_class_prompts(num or FASHION_DEFAULT_SIZE, seed)
+    prompt_sets = registered(PROMPT_SETS)
+    if str(spec) in prompt_sets:
+        return prompt_sets[str(spec)].load()(num or PROMPT_SET_DEFAULT_SIZE, seed)
     prompts = read_prompt_file(spec)
     if num is None:
         return prompts

@@ -6,17 +6,23 @@ captions, 512 px with 25 PNDM steps at guidance 7.5, saved resized to 256 px; FI
 40,504 val2014 images resized to 256×256; IS over 10 splits; CLIP score with open_clip ViT-g-14
 (laion2b_s34b_b88k). Their published numbers come along as reference rows for the report.
 
-Known differences from their scripts: they seeded one generator (1234) for the whole run, we seed
-each image (base_seed + i) so runs resume and batch freely; their FID used pytorch-fid's resize,
-ours torch-fidelity's TF1-compatible one (same network); their IS used torch-fidelity directly.
+By default three things differ from their scripts, each for a reason: they seeded one generator
+(1234) for the whole run, we seed each image (seed + i) so images batch freely and any subset can
+be regenerated alone; they saved JPEGs, we save PNGs (JPEG loses detail that FID sees); their FID
+used pytorch-fid's resize, ours torch-fidelity's TF1-compatible one (same network). `--parity
+bk-sdm` (`PARITIES`) does all three their way, for a number comparable to their table at the
+0.1-FID level; their IS (torch-fidelity) and CLIP (mean cosine, open_clip) are ours already.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from core.errors import UserInputError
+from eval.generate import GenerationSettings
+from eval.metrics.base import EvalOptions
 from eval.report import ReportRow
 from eval.results import MetricResult
 
@@ -65,7 +71,8 @@ class EvalProtocol:
     student_steps: tuple[int, ...] | None = None
 
     def evaluate_kwargs(self) -> dict[str, Any]:
-        """The `evaluate(...)` keyword arguments this protocol fixes."""
+        """The settings this protocol fixes, flat (`evaluate_arguments` makes them `evaluate`'s
+        arguments; explicit flags override single ones first)."""
         settings = asdict(self)
         for not_an_argument in ("name", "reference_description", "published"):
             settings.pop(not_an_argument)
@@ -112,6 +119,59 @@ FASHION = EvalProtocol(
 )
 
 PROTOCOLS = {protocol.name: protocol for protocol in (BK_SDM_COCO30K, FASHION)}
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How a published codebase generated and scored its images, where that differs from the
+    project's defaults (`distill eval --parity NAME`)."""
+
+    name: str
+    seeding: str  # eval.generate.SEEDINGS
+    batch_size: int
+    image_format: str  # eval.generate.IMAGE_FORMATS
+    fid_preprocessing: str  # eval.inception.PREPROCESSINGS
+    source: str
+
+    def apply(
+        self, generation: GenerationSettings, options: EvalOptions
+    ) -> tuple[GenerationSettings, EvalOptions]:
+        generation = replace(
+            generation,
+            seeding=self.seeding,
+            batch_size=self.batch_size,
+            image_format=self.image_format,
+        )
+        return generation, replace(options, fid_preprocessing=self.fid_preprocessing)
+
+
+BK_SDM_PARITY = Parity(
+    name="bk-sdm",
+    seeding="one-generator",
+    batch_size=1,
+    image_format="jpeg",
+    fid_preprocessing="pytorch-fid",
+    source="BK-SDM src/generate.py (one generator, batch 1, .jpg, Image.resize), "
+    "scripts/eval_scores.sh (pytorch-fid)",
+)
+PARITIES = {parity.name: parity for parity in (BK_SDM_PARITY,)}
+_GENERATION_FIELDS = {f.name for f in fields(GenerationSettings)}
+_OPTION_FIELDS = {f.name for f in fields(EvalOptions)}
+
+
+def evaluate_arguments(settings: Mapping[str, Any], parity: str | None = None) -> dict[str, Any]:
+    """Flat settings (a protocol's `evaluate_kwargs()`, flags on top) → `evaluate`'s arguments:
+    the generation settings and the metric options as their objects, the rest as they are;
+    `parity` (a `PARITIES` name) then replaces what that codebase did differently."""
+    pick = lambda names: {k: v for k, v in settings.items() if k in names}
+    generation = GenerationSettings(**pick(_GENERATION_FIELDS))
+    options = EvalOptions(**pick(_OPTION_FIELDS))
+    if parity is not None:
+        if parity not in PARITIES:
+            raise UserInputError(f"unknown parity {parity!r}; known: {', '.join(PARITIES)}")
+        generation, options = PARITIES[parity].apply(generation, options)
+    rest = {k: v for k, v in settings.items() if k not in _GENERATION_FIELDS | _OPTION_FIELDS}
+    return {**rest, "generation": generation, "options": options}
 
 
 def get_protocol(name: str) -> EvalProtocol:

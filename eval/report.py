@@ -12,7 +12,7 @@ whether a metrics.json describes the weights it exports.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from PIL import Image
 
 from core.atomic import write_text_atomic
 from core.fingerprints import metrics_fingerprints  # noqa: F401  (re-exported)
+from eval.metrics.base import Column
 from eval.plots import Figure
 from eval.results import MetricResult
 
@@ -31,37 +32,11 @@ NOT_APPLICABLE = "—"
 _SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
-@dataclass(frozen=True)
-class Column:
-    """One table column. An `optional` column is shown only when some row has its metric (the
-    fidelity FID needs a teacher, the in-domain metrics Fashion-MNIST prompts)."""
-
-    key: str
-    header: str
-    format: Callable[[float], str]
-    optional: bool = False
-
-
-COLUMNS = (
-    Column("fid", "FID ↓ [95% interval]", lambda v: f"{v:.2f}"),
-    Column("fidelity_fid", "fidelity FID ↓ (to teacher)", lambda v: f"{v:.2f}", optional=True),
-    Column("clip", "CLIP ↑", lambda v: f"{v:.4f}"),
-    Column("class_accuracy", "class acc. (in-domain) ↑", lambda v: f"{100 * v:.1f}%", True),
-    Column("is", "IS (Inception) ↑", lambda v: f"{v:.2f}"),
-    Column("in_domain_is", "IS (in-domain) ↑", lambda v: f"{v:.2f}", optional=True),
-    Column("params", "UNet params", lambda v: f"{v / 1e6:.4g}M"),
-    Column("gflops", "GFLOPs", lambda v: f"{v:.4g}"),
-    Column("unet_evals", "UNet evals / image", lambda v: f"{v:.0f}", optional=True),
-    Column("unet_latency", "UNet s/step", lambda v: f"{v:.4f}"),
-    Column("pipeline_latency", "pipeline s/image", lambda v: f"{v:.3f}"),
-)
-
-
 @dataclass
 class ReportRow:
-    """One model's results; `metrics` maps a column key (`COLUMNS`) to its result; `fingerprint`
-    identifies the weights behind them (None for published reference rows); `generation` holds how
-    its images were made this run (throughput, reuse)."""
+    """One model's results; `metrics` maps a column key (a metric's `Column.key`) to its result;
+    `fingerprint` identifies the weights behind them (None for published reference rows);
+    `generation` holds how its images were made this run (throughput, reuse)."""
 
     name: str
     metrics: dict[str, MetricResult]
@@ -117,18 +92,26 @@ def format_value(result: MetricResult, column: Column) -> str:
     return text
 
 
-def visible_columns(rows: Sequence[ReportRow]) -> list[Column]:
+def visible_columns(
+    rows: Sequence[ReportRow], columns: Sequence[Column] | None = None
+) -> list[Column]:
+    """`columns` (default: every registered metric's, `eval.metrics.registry`) that some row has,
+    or that are not optional."""
+    if columns is None:
+        from eval.metrics.registry import report_columns
+
+        columns = report_columns()
     return [
         column
-        for column in COLUMNS
+        for column in columns
         if not column.optional or any(column.key in row.metrics for row in rows)
     ]
 
 
-def markdown_table(rows: Sequence[ReportRow]) -> str:
+def markdown_table(rows: Sequence[ReportRow], columns: Sequence[Column] | None = None) -> str:
     """The table, then one numbered footnote per reason a cell is "n/a" (cells that fail for the
     same reason share a footnote)."""
-    columns = visible_columns(rows)
+    columns = visible_columns(rows, columns)
     footnotes: dict[tuple[str, str], list[str]] = {}  # (column header, reason) -> row names
     lines = [
         "| model | " + " | ".join(column.header for column in columns) + " |",
@@ -160,11 +143,11 @@ def _reason(result: MetricResult) -> str:
     return f"{reason} ({result.detail})" if result.detail else reason
 
 
-def measurement_notes(rows: Sequence[ReportRow]) -> str:
+def measurement_notes(rows: Sequence[ReportRow], columns: Sequence[Column] | None = None) -> str:
     """One line per computed (metric, model): n and how it was measured (seeds, model, protocol,
     interval). Metrics that could not be computed are in the table's footnotes."""
     lines = []
-    for column in visible_columns(rows):
+    for column in visible_columns(rows, columns):
         for row in rows:
             result = row.metrics.get(column.key)
             if result is None or result.value is None:
@@ -184,27 +167,29 @@ def write_report(
     notes: Sequence[str] = (),
     comparisons: dict[str, MetricResult] | None = None,
     plot: Figure | None = None,
+    columns: Sequence[Column] | None = None,
 ) -> dict[str, Any]:
     """Write `metrics.json`, `report.md` (and the grid and plot PNGs) into `out_dir`; return the
     json data. `notes` are paragraphs shown under the table (sample sizes, seeds, the in-domain
     judge); `comparisons` are results about two rows at once (the student-minus-teacher FID);
-    `plot` is shown after the notes (FID against latency)."""
+    `plot` is shown after the notes (FID against latency); `columns`: the table's (default: every
+    registered metric's)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {
         "settings": settings or {},
         "fingerprints": {row.name: row.fingerprint for row in rows if row.fingerprint},
         "rows": [row.to_dict() for row in rows],
-        "table": markdown_table(rows),  # as shown here, for model cards (distill export)
+        "table": markdown_table(rows, columns),  # as shown here, for model cards (distill export)
     }
     if comparisons:
         data["comparisons"] = {key: result.to_dict() for key, result in comparisons.items()}
-    sections = [f"# {title}", markdown_table(rows), *notes]
+    sections = [f"# {title}", markdown_table(rows, columns), *notes]
     if plot is not None:
         plot.figure.savefig(out_dir / plot.file, dpi=120, bbox_inches="tight")
         data["plot"] = {"file": plot.file, "caption": plot.caption}
         sections.append(f"![{plot.caption}]({plot.file})\n\n{plot.caption}")
-    sections += ["## How each number was measured", measurement_notes(rows)]
+    sections += ["## How each number was measured", measurement_notes(rows, columns)]
     if settings:
         sections.append("## Settings\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in settings.items()))
     if grid is not None:

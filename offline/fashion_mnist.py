@@ -109,7 +109,7 @@ def _arrays_from_hub(split: str) -> tuple[np.ndarray, np.ndarray]:
 def fashion_pixels(images: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
     """uint8 (B, 28, 28) grey images → float (B, 3, size, size) in [-1, 1], bilinear.
 
-    What the in-domain judge (`eval.fashion_classifier`) is trained on; the teachers and students
+    What the in-domain judge (`offline.fashion_classifier`) is trained on; the teachers and students
     see the same images through the engine's preprocessing (`distill.data.preprocess`: bicubic).
     """
     pixels = torch.tensor(images, dtype=torch.float32).div(127.5).sub(1.0)  # copies

@@ -5,10 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from PIL import Image
 
+from offline.fashion_classifier import (
+    ClassifierSettings,
+    FashionClassifier,
+    load_fashion_classifier,
+)
 from testkit.unets import make_tiny_teacher
 
 # The test models are tiny: a second intra-op thread buys nothing, and when another process holds
@@ -42,3 +49,24 @@ def fresh_accelerator_state() -> Iterator[None]:
 @pytest.fixture
 def tiny_teacher() -> UNet2DConditionModel:
     return make_tiny_teacher()
+
+
+JUDGE_SETTINGS = ClassifierSettings(max_train_samples=10_000)  # ~9 s instead of ~40 s
+
+
+@pytest.fixture(scope="session")
+def fashion_judge(cache_dir: Path) -> FashionClassifier:
+    """The Fashion-MNIST classifier, trained once per session into the session cache."""
+    return load_fashion_classifier(JUDGE_SETTINGS, cache_dir=cache_dir, progress=False)
+
+
+@pytest.fixture
+def random_images():
+    """`random_images(count, size=48, seed=0)` -> seeded uniform-noise RGB PIL images."""
+
+    def make(count: int, size: int = 48, seed: int = 0) -> list[Image.Image]:
+        rng = np.random.default_rng(seed)
+        shape = (size, size, 3)
+        return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(count)]
+
+    return make

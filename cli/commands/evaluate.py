@@ -30,6 +30,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--protocol", help="named settings: bk-sdm-coco30k (BK-SDM's table) or fashion"
     )
+    parser.add_argument(
+        "--parity",
+        choices=["bk-sdm"],
+        help="generate and score exactly as BK-SDM's scripts did (one generator in prompt order, "
+        "batch 1, JPEG files, pytorch-fid's resize) for numbers comparable to their table",
+    )
     parser.add_argument("--prompts", help="a text file (one prompt per line), coco30k or fashion")
     parser.add_argument(
         "--reference",
@@ -85,25 +91,25 @@ def run(args: argparse.Namespace) -> int:
     reference, reference_resize = _reference(args, settings)
 
     from eval.evaluate import evaluate
+    from eval.protocols import evaluate_arguments
 
+    settings |= {
+        "reference": reference,
+        "reference_resize": reference_resize,
+        "batch_size": args.batch_size,
+        "speed_repeats": args.speed_repeats,
+        "bootstrap_resamples": args.bootstrap,
+    }
+    arguments = evaluate_arguments(settings, args.parity)
     for name in existing:
         (args.out / name).unlink()
     evaluate(
         args.model,
         args.teacher,
-        settings.pop("prompts"),
-        settings.pop("num_images"),
-        reference,
-        args.out,
-        settings.pop("clip_model"),
-        settings.pop("seed"),
-        reference_resize=reference_resize,
-        batch_size=args.batch_size,
-        speed_repeats=args.speed_repeats,
-        bootstrap_resamples=args.bootstrap,
+        out_dir=args.out,
         fresh_images=args.overwrite,
         progress=not args.no_progress,
-        **settings,
+        **arguments,
     )
     print(f"report: {args.out / 'report.md'}\nmetrics: {args.out / 'metrics.json'}")
     return 0

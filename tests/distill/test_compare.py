@@ -18,7 +18,7 @@ from cli import main
 from distill.compare import parse_entry, plan_runs, train_runs
 from distill.compare_scoring import score_comparison
 from eval.comparison_report import METRICS, write_report
-from eval.fashion_classifier import ClassifierSettings
+from offline.fashion_classifier import ClassifierSettings
 from testkit.tiny_world import tiny_recipe
 
 JUDGE = ClassifierSettings(max_train_samples=2_000)  # a judge, not a good one: seconds to train

@@ -14,21 +14,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from eval.clip_score import ClipBackend, transformers_backend
-from eval.fashion_classifier import ClassifierSettings, FashionClassifier, load_fashion_classifier
 from offline.tiny_models import sampling_scheduler, tiny_text_encoder, tiny_unet, tiny_vae
 from offline.tokenizer import build_clip_tokenizer
 
 TINY_SIZE = 32  # pixels; latents 8x8 with the 4x VAE below
-JUDGE_SETTINGS = ClassifierSettings(max_train_samples=10_000)  # ~9 s instead of ~40 s
 
 
 @pytest.fixture
@@ -85,24 +81,6 @@ def tiny_clip(clip_tokenizer) -> ClipBackend:
     )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer)
     return transformers_backend(CLIPModel(config).eval(), processor, "tiny-random-clip")
-
-
-@pytest.fixture
-def random_images():
-    """`random_images(count, size=48, seed=0)` -> seeded uniform-noise RGB PIL images."""
-
-    def make(count: int, size: int = 48, seed: int = 0) -> list[Image.Image]:
-        rng = np.random.default_rng(seed)
-        shape = (size, size, 3)
-        return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(count)]
-
-    return make
-
-
-@pytest.fixture(scope="session")
-def fashion_judge(cache_dir: Path) -> FashionClassifier:
-    """The Fashion-MNIST classifier, trained once per session into the session cache."""
-    return load_fashion_classifier(JUDGE_SETTINGS, cache_dir=cache_dir, progress=False)
 
 
 @pytest.fixture

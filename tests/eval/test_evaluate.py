@@ -21,10 +21,10 @@ from PIL import Image
 from core.errors import UserInputError
 from core.fingerprints import pipeline_fingerprint
 from eval.evaluate import evaluate
-from eval.fashion_classifier import classifier_input
 from eval.image_io import open_rgb, to_uint8_tensor
-from eval.protocols import BK_SDM_COCO30K, get_protocol
+from eval.protocols import BK_SDM_COCO30K, evaluate_arguments, get_protocol
 from eval.report import metrics_fingerprints
+from offline.fashion_classifier import classifier_input
 from offline.fashion_mnist import fashion_prompts, load_fashion_mnist_arrays
 
 PROMPTS = ["a photo of a Dress", "a photo of a Bag", "a photo of a Coat", "a photo of a Sneaker"]
@@ -37,6 +37,11 @@ QUICK = {
     "device": "cpu",
     "progress": False,
 }
+
+
+def quick_evaluate(model, teacher, prompts, out_dir, **settings):
+    """evaluate() with flat settings, as a protocol or the CLI gives them, over QUICK's."""
+    return evaluate(model, teacher, prompts, out_dir, **evaluate_arguments(QUICK | settings))
 
 
 def table_lines(report: str) -> list[str]:
@@ -62,16 +67,15 @@ def test_evaluate_reports_teacher_and_student_on_the_same_prompts_and_seeds(
     direct_cosines,
     empty_torch_hub,
 ) -> None:
-    data = evaluate(
+    data = quick_evaluate(
         student_pipeline,
         teacher_pipeline,
         PROMPTS,
+        tmp_path,
         num_images=4,
         reference=None,
-        out_dir=tmp_path,
         clip_model=tiny_clip,
         seed=7,
-        **QUICK,
     )
     teacher, student = data["rows"]
     assert (teacher["name"], student["name"]) == ("teacher", "student")
@@ -121,16 +125,15 @@ def test_fashion_prompts_get_in_domain_metrics_beside_intervals_and_fidelity(
     tmp_path: Path, teacher_pipeline, student_pipeline, fashion_judge, empty_torch_hub
 ) -> None:
     prompts = fashion_prompts(10, seed=0)
-    data = evaluate(
+    data = quick_evaluate(
         student_pipeline,
         teacher_pipeline,
         "fashion",
+        tmp_path / "eval",
         num_images=10,
         reference=real_reference(tmp_path / "reference", 10),
-        out_dir=tmp_path / "eval",
         bootstrap_resamples=200,
-        fashion_classifier=fashion_judge,
-        **QUICK,
+        plugins={"fashion_classifier": fashion_judge},
     )
     report = (tmp_path / "eval" / "report.md").read_text()
     header, teacher_line, student_line = table_lines(report)
@@ -138,15 +141,15 @@ def test_fashion_prompts_get_in_domain_metrics_beside_intervals_and_fidelity(
     assert columns[:6] == [
         "FID ↓ [95% interval]",
         "fidelity FID ↓ (to teacher)",
-        "CLIP ↑",
-        "class acc. (in-domain) ↑",
+        "CLIP ↑ (cosine)",
         "IS (Inception) ↑",
+        "class acc. (in-domain) ↑",
         "IS (in-domain) ↑",
     ]
     for line in (teacher_line, student_line):
         cells = [cell.strip() for cell in line.split("|")[2:-1]]
         assert "[" in cells[0] and cells[2].startswith("n/a")  # FID interval; CLIP n/a
-        assert cells[3].endswith("%") and cells[4].startswith("n/a") and float(cells[5]) >= 1
+        assert cells[3].startswith("n/a") and cells[4].endswith("%") and float(cells[5]) >= 1
     assert "no CLIP model given" in report
     assert "Student − teacher FID:" in report
     assert f"test accuracy {100 * fashion_judge.test_accuracy:.2f}%" in report
@@ -183,8 +186,14 @@ def test_retrained_weights_at_the_same_path_are_evaluated_anew(
     reference.mkdir()
     for index, image in enumerate(random_images(4, size=32)):
         image.save(reference / f"{index}.png")
-    run = lambda: evaluate(
-        str(model), None, PROMPTS, 4, reference, tmp_path / "eval", bootstrap_resamples=50, **QUICK
+    run = lambda: quick_evaluate(
+        str(model),
+        None,
+        PROMPTS,
+        tmp_path / "eval",
+        num_images=4,
+        reference=reference,
+        bootstrap_resamples=50,
     )
     image_file = tmp_path / "eval" / "images" / "student" / "000000.png"
 
@@ -214,23 +223,26 @@ def test_retrained_weights_at_the_same_path_are_evaluated_anew(
 
 def test_too_few_images_for_the_inception_score_splits_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="Inception Score splits"):
-        evaluate(None, None, PROMPTS, 4, None, tmp_path, inception_score_splits=10)
+        quick_evaluate(None, None, PROMPTS, tmp_path, num_images=4, inception_score_splits=10)
 
 
 def test_bk_sdm_protocol_is_complete_evaluate_configuration() -> None:
     """Every protocol setting is an evaluate() argument, so the protocol alone reproduces a run."""
+    settings = BK_SDM_COCO30K.evaluate_kwargs() | {"reference": "coco-val2014-256"}
     bound = inspect.signature(evaluate).bind(
-        "student",
-        "teacher",
-        reference="coco-val2014-256",
-        out_dir="out",
-        **BK_SDM_COCO30K.evaluate_kwargs(),
+        "student", "teacher", out_dir="out", **evaluate_arguments(settings)
     )
-    assert bound.arguments["num_inference_steps"] == 25
-    assert bound.arguments["guidance_scale"] == 7.5
-    assert (bound.arguments["height"], bound.arguments["output_size"]) == (512, 256)
-    assert bound.arguments["scheduler"] == "pndm"
+    generation, options = bound.arguments["generation"], bound.arguments["options"]
+    assert (generation.num_inference_steps, generation.guidance_scale) == (25, 7.5)
+    assert (generation.height, generation.output_size, generation.seed) == (512, 256, 1234)
+    assert generation.scheduler == "pndm" and generation.seeding == "per-image"
+    assert options.clip_model == "open_clip:ViT-g-14:laion2b_s34b_b88k"
+    assert options.reference_resize == 256 and options.reference == "coco-val2014-256"
     assert bound.arguments["num_images"] == 30_000 and bound.arguments["prompts"] == "coco30k"
+    parity = evaluate_arguments(settings, parity="bk-sdm")
+    assert (parity["generation"].seeding, parity["generation"].batch_size) == ("one-generator", 1)
+    assert parity["generation"].image_format == "jpeg"
+    assert parity["options"].fid_preprocessing == "pytorch-fid"
     assert get_protocol("bk-sdm-coco30k") is BK_SDM_COCO30K
     with pytest.raises(UserInputError, match="unknown evaluation protocol"):
         get_protocol("nope")
@@ -261,11 +273,9 @@ def test_a_student_scored_at_several_step_counts_gets_a_row_each_and_a_latency_p
         lcm,
         teacher_pipeline,
         PROMPTS * 2,
-        None,
-        reference,
         tmp_path / "out",
         student_steps=[1, 2],
-        **options,
+        **evaluate_arguments(options | {"reference": reference}),
     )
     names = [row["name"] for row in data["rows"]]
     assert names == ["teacher", "student, 1 step", "student, 2 steps"]

@@ -7,12 +7,15 @@ The Inception pass costs ~0.2-0.5 s per image on 2 CPU cores and torch-fidelity'
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torch_fidelity
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from core.errors import UserInputError
@@ -22,8 +25,11 @@ from eval.inception import (
     converted_fid_helper_weights,
     load_fid_helper_torchscript,
     load_inception,
+    preprocessed_input,
 )
-from eval.inception_score import inception_score
+from eval.metrics.base import Row
+from eval.metrics.features import compute_features, load_feature_network
+from eval.metrics.inception_score import InceptionScore
 
 
 def write_image_set(folder: Path, kind: str, count: int, seed: int) -> Path:
@@ -124,20 +130,21 @@ def test_fewer_than_two_reference_images_is_a_user_error(tmp_path: Path, random_
 
 
 def test_inception_score_is_unavailable_without_a_classifier_head(
-    inception_weights: Path, empty_torch_hub, random_images
+    inception_weights: Path, empty_torch_hub
 ) -> None:
-    images = random_images(2)
-    offline = inception_score(images, splits=2, allow_download=False, progress=False)
-    assert offline.value is None and "classifier head" in offline.unavailable
-    converted = inception_score(images, splits=2, weights_path=inception_weights, progress=False)
-    assert converted.value is None and "no classifier head" in converted.unavailable
+    common = {"cache_dir": None, "allow_download": False, "device": torch.device("cpu")}
+    offline = load_feature_network(want_logits=True, weights_path=None, **common)
+    assert "classifier head" in offline.logits_missing.unavailable and not offline.with_logits
+    converted = load_feature_network(want_logits=True, weights_path=inception_weights, **common)
+    assert "no classifier head" in converted.logits_missing.unavailable
 
 
-def test_inception_score_with_a_classifier_head_equals_the_hand_computation(
+def test_one_feature_pass_gives_fid_features_and_the_inception_score(
     tmp_path: Path, inception_weights: Path
 ) -> None:
-    """IS = exp(mean KL(p(y|x) ‖ p(y))) over the head's logits, computed here by hand from the
-    network's own logits (one split: torchmetrics' shuffle cannot matter)."""
+    """With a classifier head, one pass gives pool3 (the same as FID's own network) and the
+    logits; IS from those logits = exp(mean KL(p(y|x) ‖ p(y))), computed here by hand from a
+    separate logits network (one split: torchmetrics' shuffle cannot matter)."""
     state = torch.load(inception_weights, weights_only=True)
     generator = torch.Generator().manual_seed(0)
     state["fc.weight"] = 0.5 * torch.randn(state["fc.weight"].shape, generator=generator)
@@ -148,16 +155,55 @@ def test_inception_score_with_a_classifier_head_equals_the_hand_computation(
     stripes = write_image_set(tmp_path / "stripes", "stripes", count=2, seed=1)
     images = sorted(blocks.glob("*.png")) + sorted(stripes.glob("*.png"))
 
-    result = inception_score(images, splits=1, weights_path=with_head, progress=False)
-    network = load_inception("logits_unbiased", weights_path=with_head)
+    source = load_feature_network(
+        want_logits=True,
+        weights_path=with_head,
+        cache_dir=None,
+        allow_download=False,
+        device=torch.device("cpu"),
+    )
+    features = compute_features(images, source, progress=False)
+    row = Row("student", SimpleNamespace(paths=images), features=features)
+    context = SimpleNamespace(
+        options={"inception_score_splits": 1}, generation=SimpleNamespace(seed=0)
+    )
+    result = InceptionScore().score(row, context)["is"]
+
+    batch = next(uint8_batches(images, 4))  # (4, 3, 64, 64) uint8
     with torch.inference_mode():
-        logits = network(next(uint8_batches(images, 4))).double()  # (4, 1008)
-    p = logits.softmax(dim=1)
+        logits = load_inception("logits_unbiased", weights_path=with_head)(batch).double()
+        pool3 = load_inception(weights_path=inception_weights)(batch)  # (4, 2048)
+    torch.testing.assert_close(features.pool3, pool3, rtol=0, atol=1e-5)
+    p = logits.softmax(dim=1)  # (4, 1008)
     kl = (p * (p.log() - p.mean(dim=0, keepdim=True).log())).sum(dim=1)  # (4,)
     expected = float(kl.mean().exp())
     assert result.n == 4
     assert 2.0 < expected < 4.0  # the random head tells the images apart (measured 3.56)
     assert result.value == pytest.approx(expected, rel=1e-4)
+
+
+def test_pytorch_fid_preprocessing_is_what_its_network_would_see(
+    tmp_path: Path, inception_weights: Path
+) -> None:
+    """BK-SDM's FID ran pytorch-fid: PIL → `ToTensor` ([0, 1] floats) → bilinear resize to 299
+    (align_corners=False) → 2x − 1. Written here the way pytorch-fid does it, it must be exactly
+    the first convolution's input under `--parity bk-sdm`; and it is not torch-fidelity's."""
+    images = sorted(write_image_set(tmp_path / "blocks", "blocks", count=2, seed=0).glob("*.png"))
+    network = load_inception(weights_path=inception_weights)
+    batch = next(uint8_batches(images, 2))  # (2, 3, 64, 64) uint8
+    seen = []
+    # A forward hook sees the input the convolution ran on (after any pre-hook replaced it).
+    hook = network.Conv2d_1a_3x3.register_forward_hook(lambda _, args, out: seen.append(args[0]))
+    with torch.inference_mode():
+        with preprocessed_input(network, batch, "pytorch-fid"):
+            pytorch_fid = network(batch)
+        torch_fidelity_features = network(batch)
+    hook.remove()
+    pixels = torch.stack([TF.to_tensor(Image.open(path).convert("RGB")) for path in images])
+    twin = F.interpolate(pixels, size=(299, 299), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(seen[0], 2 * twin - 1, rtol=0, atol=0)
+    assert not torch.allclose(seen[0], seen[1], atol=1e-3)  # torch-fidelity's own resize
+    assert (pytorch_fid - torch_fidelity_features).abs().max() > 1e-3
 
 
 def test_dataset_reference_matches_the_same_images_in_a_folder(
@@ -225,7 +271,7 @@ def test_frechet_distance_equals_torchmetrics(n: int, dims: int, tolerance: floa
 
 
 def test_a_failed_download_is_a_footnote_in_words_and_a_log_line(
-    empty_torch_hub, random_images, monkeypatch: pytest.MonkeyPatch, caplog
+    empty_torch_hub, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     import eval.inception_score as module
     from eval.results import MetricUnavailable
@@ -235,6 +281,12 @@ def test_a_failed_download_is_a_footnote_in_words_and_a_log_line(
 
     monkeypatch.setattr(module, "download_torch_fidelity_weights", offline)
     with caplog.at_level("WARNING", logger="eval.inception_score"):
-        result = inception_score(random_images(2), splits=2, progress=False)
+        result = load_feature_network(
+            want_logits=True,
+            weights_path=None,
+            cache_dir=None,
+            allow_download=True,
+            device=torch.device("cpu"),
+        ).logits_missing
     assert result.unavailable == module.NO_HEAD_REASON and "urlopen" not in str(result.detail)
     assert "urlopen error" in caplog.text

@@ -48,7 +48,7 @@ def test_report_has_both_rows_footnoted_reasons_and_sample_sizes(tmp_path: Path)
     assert table[2].startswith("| student | 14.25 | n/a¹ | — |")  # no IS result at all: —
     assert "859.5M" in table[1] and "579M" in table[2]
     # One footnote per reason, naming every row it covers; reasons stay out of the cells.
-    assert f"¹ CLIP ↑, teacher, student: {NO_CLIP} (pass --clip-model)" in report
+    assert f"¹ CLIP ↑ (cosine), teacher, student: {NO_CLIP} (pass --clip-model)" in report
     assert "² IS (Inception) ↑, teacher: no Inception classifier head offline" in report
     assert NO_CLIP not in "\n".join(table)
     assert "**FID ↓ [95% interval]**, teacher: n=100; seeds 0..99" in report

@@ -16,18 +16,25 @@ draws from: "a photo of a dress" is class 3, "A photo of a dress!" is no class a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
-from torchmetrics.image.inception import InceptionScore
 
-from eval.fashion_classifier import FashionClassifier
+from core.errors import UserInputError
 from eval.image_io import uint8_batches
+from eval.inception_score import inception_score_of_logits
+from eval.metrics.base import Column, EvalContext, Metric, Need, Row
 from eval.results import MetricResult, MetricUnavailable
+from offline.fashion_classifier import (
+    ClassifierSettings,
+    FashionClassifier,
+    load_fashion_classifier,
+)
 from offline.fashion_mnist import CAPTION_TEMPLATES, FASHION_CLASSES, caption_for
 
 
@@ -100,19 +107,6 @@ def class_accuracy(
     )
 
 
-def inception_score_of_logits(
-    logits: torch.Tensor, splits: int, seed: int = 0
-) -> tuple[float, float]:
-    """(mean, std over splits) of the Inception Score of (N, C) logits, by torchmetrics (which
-    shuffles before splitting; `seed` fixes that shuffle)."""
-    metric = InceptionScore(feature=nn.Identity(), splits=splits)
-    metric.update(logits.detach().to("cpu", torch.float64))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mean, std = metric.compute()
-    return float(mean), float(std)
-
-
 @torch.no_grad()
 def in_domain_inception_score(
     images: Sequence[str | Path | Image.Image],
@@ -133,3 +127,100 @@ def in_domain_inception_score(
         detail=f"in-domain: {splits} splits (shuffle seed {seed}), std {std:.3g}; logits of a "
         f"{classifier.describe()}; range 1-{len(FASHION_CLASSES)}",
     )
+
+
+class FashionJudge:
+    """The classifier as the recipe comparison reads it: image by image, does it show its
+    prompt's class (`eval.model_scores`; registered as the `sd_distill.judges` entry point)."""
+
+    def __init__(self, classifier: FashionClassifier) -> None:
+        self.classifier = classifier
+        self.key = classifier.key
+        self.test_accuracy = classifier.test_accuracy
+
+    def applies(self, prompts: Sequence[str]) -> bool:
+        return is_fashion_prompt_set(prompts)
+
+    def correct(self, images: Sequence[str | Path], prompts: Sequence[str]) -> torch.Tensor:
+        """(n,) float32: 1.0 where the classifier sees prompt i's class in image i."""
+        return judged_correct(images, torch.tensor(prompt_classes(prompts)), self.classifier)
+
+
+def load_judge(
+    settings: ClassifierSettings | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> FashionJudge:
+    return FashionJudge(
+        load_fashion_classifier(settings, cache_dir=cache_dir, device=device, progress=progress)
+    )
+
+
+class FashionInDomain(Metric):
+    """Class accuracy and IS (in-domain), for Fashion-MNIST prompts: the offline world's stand-ins
+    for CLIP score and the Inception IS, judged by its own classifier. Registered with `evaluate`
+    through the `sd_distill.metrics` entry point; `options.plugins["fashion_classifier"]` is a
+    trained `FashionClassifier` or the `ClassifierSettings` of the cached one (None: defaults)."""
+
+    key = "in_domain"
+    columns = (
+        Column("class_accuracy", "class acc. (in-domain) ↑", lambda v: f"{100 * v:.1f}%", True),
+        Column("in_domain_is", "IS (in-domain) ↑", lambda v: f"{v:.2f}", optional=True),
+    )
+    needs = frozenset({Need.IMAGES, Need.PROMPTS})
+
+    def __init__(self) -> None:
+        self.judge: FashionClassifier | None = None
+
+    def applies(self, context: EvalContext) -> bool:
+        return is_fashion_prompt_set(context.prompts)
+
+    def prepare(self, context: EvalContext) -> None:
+        given = context.options["plugins"].get("fashion_classifier")
+        if isinstance(given, FashionClassifier):
+            self.judge = given
+            return
+        try:
+            self.judge = load_fashion_classifier(
+                given,
+                cache_dir=context.options["cache_dir"],
+                device=context.device,
+                progress=context.progress,
+            )
+        except UserInputError as reason:
+            raise MetricUnavailable(f"no Fashion-MNIST classifier: {reason}") from reason
+
+    def score(self, row: Row, context: EvalContext) -> dict[str, MetricResult]:
+        images = row.images
+        splits = context.options["inception_score_splits"]
+        return {
+            "class_accuracy": class_accuracy(images.paths, images.prompts, self.judge),
+            "in_domain_is": in_domain_inception_score(
+                images.paths, self.judge, splits=splits, seed=context.generation.seed
+            ),
+        }
+
+    def settings(self) -> dict[str, Any]:
+        if self.judge is None:
+            return {}
+        judge = self.judge
+        return {
+            "fashion_classifier": {
+                "key": judge.key,
+                "test_accuracy": judge.test_accuracy,
+                **dataclasses.asdict(judge.settings),
+            }
+        }
+
+    def notes(self, context: EvalContext) -> list[str]:
+        if self.judge is None:
+            return []
+        return [
+            "In-domain metrics (class acc., IS (in-domain)) are judged by a Fashion-MNIST "
+            f"classifier, a {self.judge.describe()}: class acc. is the share of images it labels "
+            "as their prompt's class (real test images score its test accuracy); IS (in-domain) "
+            "is the Inception Score formula on its 10 logits (1 to 10). They measure the offline "
+            "world's own classes and stand beside CLIP and the Inception IS, not in their place."
+        ]

@@ -15,14 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.fashion_classifier import classifier_input, load_fashion_classifier
-from eval.in_domain import (
-    class_accuracy,
-    in_domain_inception_score,
-    inception_score_of_logits,
-    prompt_classes,
-)
 from eval.results import MetricUnavailable
+from offline.fashion_classifier import classifier_input, load_fashion_classifier
 from offline.fashion_mnist import (
     CAPTION_TEMPLATES,
     FASHION_CLASSES,
@@ -30,6 +24,12 @@ from offline.fashion_mnist import (
     fashion_pixels,
     fashion_prompts,
     load_fashion_mnist_arrays,
+)
+from offline.in_domain import (
+    class_accuracy,
+    in_domain_inception_score,
+    inception_score_of_logits,
+    prompt_classes,
 )
 
 TEST_IMAGES = 400  # real test images scored as "generated" ones
