@@ -3,7 +3,8 @@ StableDiffusionXLPipeline, the teacher's family) with a model card.
 
 The folder holds the student UNet plus the teacher's VAE, text encoder, tokenizer and scheduler,
 as safetensors only, and loads with `<its pipeline class>.from_pretrained(folder)` with no
-toolkit code installed.
+toolkit code installed. `format="onnx"` writes the same pipeline as ONNX models instead, for
+ONNX Runtime (`distill.onnx_export`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from distill.recipe import Recipe, validate_recipe
 from students import count_params
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXPORT_FORMATS = ("diffusers", "onnx")
 
 
 def export_pipeline(
@@ -37,15 +39,21 @@ def export_pipeline(
     dtype: str = "fp32",
     metrics: str | Path | None = None,
     overwrite: bool = False,
+    format: str = "diffusers",
+    progress: bool = True,
 ) -> Path:
     """Write `out` from the finished run in `run_dir`; returns `out`.
 
     `metrics` is an eval `metrics.json` for the model card (default: `run_dir/eval/metrics.json`
-    when present).
+    when present). `format`: a diffusers folder of safetensors, or ONNX models (fp32 only).
     """
     run_dir, out = Path(run_dir), Path(out)
     if dtype not in EXPORT_DTYPES:
         raise UserInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
+    if format not in EXPORT_FORMATS:
+        raise UserInputError(f"unknown format {format!r}; choose {', '.join(EXPORT_FORMATS)}")
+    if format == "onnx" and dtype != "fp32":
+        raise UserInputError("ONNX export is fp32 (ONNX Runtime's CPU kernels); drop --dtype")
     recipe = load_run_recipe(run_dir)
     pipeline_dir = run_dir / "student_pipeline"
     if not (pipeline_dir / "model_index.json").is_file():
@@ -61,9 +69,14 @@ def export_pipeline(
     evaluated = evaluation_of(metrics_data, pipeline_dir)
 
     pipeline = resolve(pipeline_dir).pipeline(EXPORT_DTYPES[dtype])
-    pipeline.save_pretrained(out, safe_serialization=True)
+    if format == "onnx":
+        from distill.onnx_export import export_onnx
+
+        export_onnx(pipeline, out, progress=progress)
+    else:
+        pipeline.save_pretrained(out, safe_serialization=True)
     (out / "README.md").write_text(
-        model_card(recipe, pipeline, dtype=dtype, metrics=evaluated, run_dir=run_dir)
+        model_card(recipe, pipeline, dtype=dtype, metrics=evaluated, run_dir=run_dir, format=format)
     )
     return out
 
@@ -124,6 +137,7 @@ def model_card(
     dtype: str,
     metrics: Evaluation,
     run_dir: Path,
+    format: str = "diffusers",
 ) -> str:
     """The exported folder's README.md: what the model is, how it was made, what it scores."""
     init = recipe.teachers[recipe.student.init_from]
@@ -142,7 +156,10 @@ def model_card(
         f"A compact UNet (`{recipe.student.variant}` variant, layers_per_block=1) distilled with "
         "sd-distill from the teacher(s) below, initialized from the "
         f"layers of `{recipe.student.init_from}`. VAE, text encoder, tokenizer and scheduler are "
-        f"the teacher's. Weights: safetensors, {dtype}.",
+        "the teacher's. Weights: "
+        + (
+            "ONNX models, fp32, for ONNX Runtime." if format == "onnx" else f"safetensors, {dtype}."
+        ),
         "",
         "| | params |",
         "|---|---|",
@@ -185,7 +202,11 @@ def model_card(
         "",
         *_usage_sentence(recipe),
         "```python",
-        *_loading_lines(dtype, type(pipeline).__name__),
+        *(
+            _onnx_loading_lines()
+            if format == "onnx"
+            else _loading_lines(dtype, type(pipeline).__name__)
+        ),
         f'image = pipe("a photo of a bag"{_call_arguments(recipe)}).images[0]',
         "```",
         "",
@@ -210,6 +231,16 @@ def _loading_lines(dtype: str, pipeline_class: str) -> list[str]:
         "",
         f"pipe = {pipeline_class}.from_pretrained(",
         f'    "path/to/this/folder", torch_dtype={EXPORT_DTYPES[dtype]}',
+        ")",
+    ]
+
+
+def _onnx_loading_lines() -> list[str]:
+    return [
+        "from diffusers import OnnxStableDiffusionPipeline",
+        "",
+        "pipe = OnnxStableDiffusionPipeline.from_pretrained(",
+        '    "path/to/this/folder", provider="CPUExecutionProvider", provider_options={}',
         ")",
     ]
 

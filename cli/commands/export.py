@@ -1,4 +1,5 @@
-"""`distill export RUN_DIR OUT`: a finished run as a standard diffusers pipeline folder."""
+"""`distill export RUN_DIR OUT`: a finished run as a standard diffusers pipeline folder, or as
+ONNX models for ONNX Runtime (`--format onnx`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from distill.export import EXPORT_DTYPES, export_pipeline
+from distill.export import EXPORT_DTYPES, EXPORT_FORMATS, export_pipeline
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,6 +21,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("out", type=Path, help="where to write the pipeline folder")
     parser.add_argument("--dtype", default="fp32", choices=sorted(EXPORT_DTYPES))
     parser.add_argument(
+        "--format",
+        default="diffusers",
+        choices=EXPORT_FORMATS,
+        help="diffusers: safetensors folder; onnx: ONNX models for OnnxStableDiffusionPipeline",
+    )
+    parser.add_argument(
         "--metrics", type=Path, help="eval metrics.json for the model card (default: RUN/eval)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
@@ -28,7 +35,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = export_pipeline(
-        args.run_dir, args.out, dtype=args.dtype, metrics=args.metrics, overwrite=args.overwrite
+        args.run_dir,
+        args.out,
+        dtype=args.dtype,
+        metrics=args.metrics,
+        overwrite=args.overwrite,
+        format=args.format,
     )
     pipeline_class = json.loads((out / "model_index.json").read_text())["_class_name"]
     print(f"exported to {out} (load with {pipeline_class}.from_pretrained)")
