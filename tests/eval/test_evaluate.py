@@ -298,3 +298,25 @@ def test_a_student_scored_at_several_step_counts_gets_a_row_each_and_a_latency_p
     assert metrics_fingerprints(data).keys() == {"teacher", "student"}
     assert (tmp_path / "out" / "fid_latency.png").is_file() and data["plot"]["file"]
     assert "fid_latency.png" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_parity_bk_sdm_runs_their_generation_and_scoring_end_to_end(
+    tmp_path: Path, student_pipeline, empty_torch_hub
+) -> None:
+    """`--parity bk-sdm` through evaluate(): one generator, batch 1, JPEG files, FID through
+    pytorch-fid's preprocessing (reference too), all recorded in metrics.json and the report."""
+    reference = real_reference(tmp_path / "reference", 4)
+    settings = QUICK | {"num_images": 4, "reference": reference, "bootstrap_resamples": 0}
+    arguments = evaluate_arguments(settings | {"seed": 1234}, parity="bk-sdm")
+    data = evaluate(student_pipeline, None, PROMPTS, tmp_path / "parity", **arguments)
+
+    folder = tmp_path / "parity" / "images" / "student"
+    assert sorted(p.name for p in folder.glob("*.jpg")) == [f"{i:06d}.jpg" for i in range(4)]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["settings"]["seeding"] == "one-generator"
+    assert manifest["settings"]["batch_size"] == 1
+    assert data["settings"]["fid_preprocessing"] == "pytorch-fid"
+    fid = data["rows"][0]["metrics"]["fid"]
+    assert "pytorch-fid" in fid["detail"] and "one generator seeded 1234" in fid["detail"]
+    report = (tmp_path / "parity" / "report.md").read_text()
+    assert "from one generator seeded 1234 (BK-SDM's seeding)" in report
