@@ -21,7 +21,7 @@ family without the engine importing it. Declared in a pyproject.toml:
     in_domain = "offline.in_domain:FashionInDomain"            # an eval.metrics.Metric
 
     [project.entry-points."sd_distill.judges"]
-    fashion-mnist = "offline.in_domain:load_judge"             # (settings, device, ...) -> judge
+    fashion-mnist = "offline.in_domain:FashionJudge"           # .applies(prompts), .load(...)
 """
 
 from __future__ import annotations

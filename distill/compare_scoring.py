@@ -186,11 +186,11 @@ def _judge(prompts: Sequence[str], settings: Any, device: torch.device, progress
     """The first registered judge (entry point group `sd_distill.judges`: the offline world's
     Fashion-MNIST classifier) that applies to `prompts`, or None: no class accuracy."""
     for name, point in registered(JUDGES).items():
+        judge = point.load()
+        if not judge.applies(prompts):
+            continue
         try:
-            judge = point.load()(settings, device=device, progress=progress)
+            return judge.load(settings, device=device, progress=progress)
         except UserInputError as reason:  # e.g. no Fashion-MNIST data
             print(f"distill compare: no class accuracy from {name}: {reason}", file=sys.stderr)
-            continue
-        if judge.applies(prompts):
-            return judge
     return None

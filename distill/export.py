@@ -61,6 +61,12 @@ def export_pipeline(
             f"run {str(run_dir)!r} has not finished (no student_pipeline/); finish it with "
             "`distill run` first"
         )
+    if format == "onnx":
+        from distill.onnx_export import check_exportable
+
+        index = json.loads((pipeline_dir / "model_index.json").read_text())
+        unet_config = json.loads((unet_folder(pipeline_dir) / "config.json").read_text())
+        check_exportable(index["_class_name"], unet_config)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserInputError(f"{str(out)!r} is not empty; pass --overwrite to replace it")
@@ -207,7 +213,9 @@ def model_card(
             if format == "onnx"
             else _loading_lines(dtype, type(pipeline).__name__)
         ),
-        f'image = pipe("a photo of a bag"{_call_arguments(recipe)}).images[0]',
+        f'image = pipe("a photo of a bag"{_call_arguments(recipe)}'
+        + (_onnx_size_arguments(pipeline.unet.config.sample_size) if format == "onnx" else "")
+        + ").images[0]",
         "```",
         "",
         f"Exported from run folder `{run_dir.name}`.",
@@ -243,6 +251,15 @@ def _onnx_loading_lines() -> list[str]:
         '    "path/to/this/folder", provider="CPUExecutionProvider", provider_options={}',
         ")",
     ]
+
+
+def _onnx_size_arguments(latent_size: int) -> str:
+    """The ONNX pipeline defaults to 512 px and makes latents of height // 8; the UNet was
+    exported at its own latent size."""
+    from distill.onnx_export import onnx_image_size
+
+    size = onnx_image_size(latent_size)
+    return f", height={size}, width={size}"
 
 
 def _usage(recipe: Recipe) -> dict[str, Any]:

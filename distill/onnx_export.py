@@ -86,19 +86,25 @@ class _VaeEncoder(nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].mode() * self.correction
 
 
-def export_onnx(pipeline: Any, out: str | Path, *, progress: bool = True) -> Path:
-    """Write `pipeline` (a loaded fp32 `StableDiffusionPipeline`) to `out` as the ONNX folder
-    described above; returns `out`."""
-    if not isinstance(pipeline, diffusers.StableDiffusionPipeline):
+def check_exportable(pipeline_class: str, unet_config: dict[str, Any]) -> None:
+    """One line of why not, before anything is loaded or deleted (`distill export` reads both
+    from the run's `student_pipeline/`)."""
+    if pipeline_class != "StableDiffusionPipeline":
         raise UserInputError(
-            f"ONNX export covers SD v1/v2 pipelines; {type(pipeline).__name__} has no ONNX "
-            "pipeline in diffusers"
+            f"ONNX export covers SD v1/v2 pipelines; {pipeline_class} has no ONNX pipeline in "
+            "diffusers"
         )
-    if getattr(pipeline.unet.config, "time_cond_proj_dim", None) is not None:
+    if unet_config.get("time_cond_proj_dim") is not None:
         raise UserInputError(
             "a few-step student reads its guidance through an embedding, which diffusers' ONNX "
             "pipeline does not pass; export it as a diffusers folder"
         )
+
+
+def export_onnx(pipeline: Any, out: str | Path, *, progress: bool = True) -> Path:
+    """Write `pipeline` (a loaded fp32 `StableDiffusionPipeline`) to `out` as the ONNX folder
+    described above; returns `out`."""
+    check_exportable(type(pipeline).__name__, dict(pipeline.unet.config))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     unet, vae, text_encoder = pipeline.unet.eval(), pipeline.vae.eval(), pipeline.text_encoder

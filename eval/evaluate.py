@@ -46,7 +46,7 @@ from eval.metrics.fid import difference_key
 from eval.metrics.registry import metric_classes, report_columns
 from eval.plots import fid_latency_plot
 from eval.prompts import load_prompts
-from eval.protocols import EvalProtocol, PublishedResult, evaluate_arguments
+from eval.protocols import PublishedResult
 from eval.report import GridInfo, ReportRow, write_report
 from eval.results import MetricResult, MetricUnavailable
 
@@ -102,7 +102,9 @@ def evaluate(
     out_dir = Path(out_dir)
     # (row name, model, steps): the teacher once, the student at each of its step counts.
     several = student_steps is not None and len(student_steps) > 1
-    runs = [("teacher", teacher_dir, generation.num_inference_steps)] if teacher_dir else []
+    runs = []
+    if teacher_dir is not None:
+        runs.append(("teacher", teacher_dir, generation.num_inference_steps))
     runs += [
         (f"student, {steps} step{'s' * (steps != 1)}" if several else "student", model_dir, steps)
         for steps in (student_steps or [generation.num_inference_steps])
@@ -211,23 +213,6 @@ def evaluate(
     )
 
 
-def evaluate_protocol(
-    protocol: EvalProtocol,
-    model_dir: str | Path | DiffusionPipeline,
-    teacher_dir: str | Path | DiffusionPipeline | None,
-    reference: str | Path | Any | None,
-    out_dir: str | Path,
-    **overrides: Any,
-) -> dict[str, Any]:
-    """`evaluate` with every setting taken from `protocol` (e.g. BK-SDM's COCO-30K); `overrides`
-    replace single settings, flat (device, batch_size, a smaller num_images for a dry run, ...);
-    `parity` (in `overrides`) generates and scores the way a published codebase did."""
-    parity = overrides.pop("parity", None)
-    settings = protocol.evaluate_kwargs() | {"reference": reference} | overrides
-    arguments = evaluate_arguments(settings, parity)
-    return evaluate(model_dir, teacher_dir, out_dir=out_dir, **arguments)
-
-
 def _check(prompts: list[str], options: EvalOptions) -> None:
     if len(prompts) < options.inception_score_splits:
         raise UserInputError(
@@ -263,6 +248,10 @@ def _feature_network(metrics: list[tuple[Metric, Any]], context: EvalContext) ->
     if not needs & {Need.INCEPTION, Need.INCEPTION_LOGITS}:
         return None
     options = context.options
+    if options["reference"] is None:  # said first: the fix is in the user's hands
+        context.reference_missing = MetricResult.missing(
+            "no FID reference given", detail="pass --reference"
+        )
     try:
         network = load_feature_network(
             want_logits=Need.INCEPTION_LOGITS in needs,
@@ -272,14 +261,10 @@ def _feature_network(metrics: list[tuple[Metric, Any]], context: EvalContext) ->
             device=context.device,
         )
     except MetricUnavailable as reason:
-        context.reference_missing = MetricResult.missing(str(reason))
+        context.reference_missing = context.reference_missing or MetricResult.missing(str(reason))
         return MetricResult.missing(str(reason))
     reference = options["reference"]
-    if reference is None:
-        context.reference_missing = MetricResult.missing(
-            "no FID reference given", detail="pass --reference"
-        )
-    elif Need.REFERENCE in needs:
+    if reference is not None and Need.REFERENCE in needs:
         context.reference = reference_statistics(
             reference,
             network.network,

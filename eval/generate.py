@@ -220,7 +220,9 @@ def generate_images(
     # Recorded only where they differ from the defaults: manifests written before they existed
     # stay valid (their images were made per image, as PNGs).
     if settings.seeding != "per-image":
+        # The seed too: another seed must delete the stored generator states with the images.
         recorded["seeding"] = settings.seeding
+        recorded["seed"] = settings.seed
     if settings.image_format != "png":
         recorded["image_format"] = settings.image_format
     fingerprint = fingerprint or pipeline_fingerprint(pipeline)
@@ -335,11 +337,12 @@ def _save_image(image: Image.Image, path: Path, settings: GenerationSettings) ->
     if settings.image_format == "jpeg":
         encoded = io.BytesIO()
         image.save(encoded, format="JPEG")
-        image = Image.open(encoded)
-        if settings.output_size is not None:
-            image = image.resize((settings.output_size, settings.output_size))
         with atomic_path(path) as partial:
-            image.save(partial, format="JPEG")
+            if settings.output_size is None:
+                partial.write_bytes(encoded.getvalue())  # their one save, at the native size
+            else:
+                size = (settings.output_size, settings.output_size)
+                Image.open(encoded).resize(size).save(partial, format="JPEG")
         return
     if settings.output_size is not None:
         image = resize_square(image, settings.output_size)
@@ -356,8 +359,9 @@ def delete_generated_images(folder: str | Path) -> int:
     (folder / MANIFEST).unlink(missing_ok=True)
     states = folder / GENERATOR_STATES
     if states.is_dir():
-        for state in states.glob("*.state"):
+        for state in states.iterdir():  # states and a killed writer's temporary files
             state.unlink()
+        states.rmdir()
     deleted = 0
     for path in folder.iterdir():
         if _OWN_FILE.match(path.name) and path.is_file():

@@ -11,7 +11,8 @@ By default three things differ from their scripts, each for a reason: they seede
 be regenerated alone; they saved JPEGs, we save PNGs (JPEG loses detail that FID sees); their FID
 used pytorch-fid's resize, ours torch-fidelity's TF1-compatible one (same network). `--parity
 bk-sdm` (`PARITIES`) does all three their way, for a number comparable to their table at the
-0.1-FID level; their IS (torch-fidelity) and CLIP (mean cosine, open_clip) are ours already.
+0.1-FID level; their IS (torch-fidelity's network and preprocessing) and CLIP (mean cosine,
+open_clip) are ours already.
 """
 
 from __future__ import annotations

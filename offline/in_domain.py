@@ -138,24 +138,28 @@ class FashionJudge:
         self.key = classifier.key
         self.test_accuracy = classifier.test_accuracy
 
-    def applies(self, prompts: Sequence[str]) -> bool:
+    @staticmethod
+    def applies(prompts: Sequence[str]) -> bool:
+        """Checked before `load`: a COCO comparison never trains the Fashion-MNIST classifier."""
         return is_fashion_prompt_set(prompts)
+
+    @classmethod
+    def load(
+        cls,
+        settings: ClassifierSettings | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> FashionJudge:
+        """The cached classifier for `settings` (trained first if there is none)."""
+        return cls(
+            load_fashion_classifier(settings, cache_dir=cache_dir, device=device, progress=progress)
+        )
 
     def correct(self, images: Sequence[str | Path], prompts: Sequence[str]) -> torch.Tensor:
         """(n,) float32: 1.0 where the classifier sees prompt i's class in image i."""
         return judged_correct(images, torch.tensor(prompt_classes(prompts)), self.classifier)
-
-
-def load_judge(
-    settings: ClassifierSettings | None = None,
-    *,
-    cache_dir: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> FashionJudge:
-    return FashionJudge(
-        load_fashion_classifier(settings, cache_dir=cache_dir, device=device, progress=progress)
-    )
 
 
 class FashionInDomain(Metric):

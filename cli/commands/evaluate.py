@@ -56,8 +56,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--teacher-steps", type=int, help="the teacher's steps when --steps lists several"
     )
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, help="image i uses seed + i")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--seed", type=int, help="image i uses seed + i (--parity: one generator seeded once)"
+    )
+    parser.add_argument("--batch-size", type=int, help="images per pipeline call (default 4)")
     parser.add_argument("--reference-resize", type=int, help="resize reference images first")
     parser.add_argument("--is-splits", type=int, help="Inception Score splits")
     parser.add_argument("--speed-repeats", type=int, default=5, help="latency repeats (median)")
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     settings |= {
         "reference": reference,
         "reference_resize": reference_resize,
-        "batch_size": args.batch_size,
+        "batch_size": _batch_size(args),
         "speed_repeats": args.speed_repeats,
         "bootstrap_resamples": args.bootstrap,
     }
@@ -113,6 +115,15 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"report: {args.out / 'report.md'}\nmetrics: {args.out / 'metrics.json'}")
     return 0
+
+
+def _batch_size(args: argparse.Namespace) -> int:
+    """4 by default; under --parity their batch of 1, which an explicit other size contradicts."""
+    if args.parity and args.batch_size not in (None, 1):
+        raise UserInputError(
+            f"--parity {args.parity} generates one image per call; drop --batch-size"
+        )
+    return args.batch_size or (1 if args.parity else 4)
 
 
 def _step_counts(text: str) -> list[int]:

@@ -26,12 +26,18 @@ from typing import Any, ClassVar
 
 import torch
 
+from core.errors import UserInputError
+from eval.fid import DEFAULT_MAX_BOOTSTRAP_IMAGES
+from eval.fid_bootstrap import DEFAULT_RESAMPLES
 from eval.generate import GeneratedImages, GenerationSettings
+from eval.inception import PREPROCESSINGS
 from eval.results import MetricResult
 
 
 class Need(enum.Enum):
-    """An input a metric reads; `evaluate` prepares each one once, for the metrics that ask."""
+    """An input a metric reads. `evaluate` computes the costly ones (the Inception pass, the
+    reference statistics, the teacher's row) once, and only when some metric asks; the images,
+    prompts and pipeline are every row's anyway (declared for the reader)."""
 
     IMAGES = "images"  # the row's image files
     PROMPTS = "prompts"  # prompt i of image i
@@ -111,12 +117,19 @@ class EvalOptions:
     inception_weights: str | Path | None = None
     allow_download: bool = True
     fid_preprocessing: str = "torch-fidelity"  # or "pytorch-fid" (BK-SDM's)
-    bootstrap_resamples: int = 1000
-    max_bootstrap_images: int = 2000
+    bootstrap_resamples: int = DEFAULT_RESAMPLES
+    max_bootstrap_images: int = DEFAULT_MAX_BOOTSTRAP_IMAGES
     speed_warmup: int = 1
     speed_repeats: int = 5
     cache_dir: str | Path | None = None
     plugins: Mapping[str, Any] = field(default_factory=dict)  # a plugin metric's own settings
+
+    def __post_init__(self) -> None:
+        if self.fid_preprocessing not in PREPROCESSINGS:
+            raise UserInputError(
+                f"unknown FID preprocessing {self.fid_preprocessing!r}; choose "
+                + ", ".join(PREPROCESSINGS)
+            )
 
 
 class Metric:

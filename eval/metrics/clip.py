@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from eval.clip_score import TORCHMETRICS_SCALE, ClipBackend, clip_score, load_clip_backend
 from eval.metrics.base import Column, EvalContext, Metric, Need, Row
-from eval.results import MetricResult, MetricUnavailable
+from eval.results import MetricResult
+
+NO_MODEL_DETAIL = "pass a transformers hub id or folder, or open_clip:NAME[:PRETRAINED]"
 
 
 class ClipScore(Metric):
@@ -23,13 +25,14 @@ class ClipScore(Metric):
     def prepare(self, context: EvalContext) -> None:
         """Loaded once for every row: BK-SDM's ViT-g-14 has 1.4B parameters."""
         spec = context.options["clip_model"]
-        if spec is None:
-            raise MetricUnavailable("no CLIP model given")
-        self.backend = (
-            spec if isinstance(spec, ClipBackend) else load_clip_backend(spec, context.device)
-        )
+        if spec is not None:
+            self.backend = (
+                spec if isinstance(spec, ClipBackend) else load_clip_backend(spec, context.device)
+            )
 
     def score(self, row: Row, context: EvalContext) -> dict[str, MetricResult]:
+        if self.backend is None:
+            return {"clip": MetricResult.missing("no CLIP model given", detail=NO_MODEL_DETAIL)}
         result = clip_score(
             row.images.paths,
             row.images.prompts,
@@ -51,4 +54,5 @@ class ClipScore(Metric):
         return {"clip": MetricResult.missing(reason, detail)}
 
     def settings(self) -> dict[str, object]:
-        return {"clip_model": self.backend.name if self.backend is not None else None}
+        """The loaded model's name (a backend object given in Python has no spec string)."""
+        return {"clip_model": self.backend.name} if self.backend is not None else {}

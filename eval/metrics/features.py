@@ -41,7 +41,9 @@ POOL3, LOGITS = str(FEATURE_DIM), "logits_unbiased"
 class FeatureNetwork:
     """The loaded network, whether it has the classifier head, and why not when it has none."""
 
-    def __init__(self, network: Any, with_logits: bool, logits_missing: MetricResult | None):
+    def __init__(
+        self, network: Any, with_logits: bool, logits_missing: MetricResult | None
+    ) -> None:
         self.network = network
         self.with_logits = with_logits
         self.logits_missing = logits_missing
@@ -68,6 +70,10 @@ def load_feature_network(
     if weights is None:
         weights = resolve_inception_weights(weights_path, cache_dir, allow_download)
     with_logits = want_logits and logits_missing is None and has_classifier_head(weights)
+    if want_logits and not with_logits and logits_missing is None:
+        logits_missing = MetricResult.missing(
+            f"{Path(weights).name} has no classifier head", detail=NO_HEAD_DETAIL
+        )
     features = [POOL3, LOGITS] if with_logits else [POOL3]
     network = load_inception(features, weights_path=weights, device=device)
     return FeatureNetwork(network, with_logits, logits_missing)
@@ -83,7 +89,9 @@ def compute_features(
     progress: bool = True,
     desc: str = "Inception features",
 ) -> Features:
-    """Pool3 features (n, 2048) and, where the head exists, logits (n, 1008) of `images`."""
+    """Pool3 features (n, 2048) and, where the head exists, logits (n, 1008) of `images`. The
+    logits always see torch-fidelity's preprocessing (IS is torch-fidelity's metric, also in
+    BK-SDM's scripts): under another FID preprocessing they take a second forward."""
     pool3, logits = [], []
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
     with torch.inference_mode():
@@ -95,6 +103,8 @@ def compute_features(
                 outputs = source.network._torch_fidelity_forward(batch)
             pool3.append(outputs[0].reshape(len(batch), -1).to("cpu", torch.float32))
             if source.with_logits:
+                if preprocessing != "torch-fidelity":
+                    outputs = source.network._torch_fidelity_forward(batch)
                 logits.append(outputs[1].to("cpu", torch.float32))  # (B, 1008)
             bar.update(len(batch))
     bar.close()

@@ -113,3 +113,9 @@ def test_bad_bootstrap_count(tmp_path: Path, capsys) -> None:
         + ["--out", str(tmp_path / "o")]
     )
     assert code == 2 and "--bootstrap" in _error(capsys)
+
+
+def test_parity_refuses_another_batch_size(tmp_path: Path, capsys) -> None:
+    command = ["eval", "--model", str(tmp_path), "--prompts", "fashion", "--out", str(tmp_path)]
+    assert main([*command, "--parity", "bk-sdm", "--batch-size", "4"]) == 2
+    assert "one image per call" in capsys.readouterr().err

@@ -212,7 +212,9 @@ def test_onnx_export_runs_in_onnx_runtime_and_matches_torch(
     out = tmp_path / "onnx"
     assert main(["export", str(run), str(out), "--format", "onnx"]) == 0
     assert (out / "unet" / "model.onnx").is_file() and not list(out.rglob("*.safetensors"))
-    assert "OnnxStableDiffusionPipeline.from_pretrained(" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "OnnxStableDiffusionPipeline.from_pretrained(" in card
+    assert "height=64, width=64" in card  # the 8x8-latent UNet, as the ONNX pipeline counts
     onnx = load_onnx_pipeline(out)
     reference = StableDiffusionPipeline.from_pretrained(run / "student_pipeline")
     size = reference.unet.config.sample_size

@@ -200,3 +200,10 @@ def test_bk_sdm_parity_makes_the_images_of_their_generate_script_bit_for_bit(
     resumed = generate_images(student_pipeline, prompts, tmp_path / "ours", settings, **QUIET)
     assert resumed.images_computed == len(prompts) - 1  # from image 1 on
     assert {path.name: path.read_bytes() for path in resumed.paths} == before
+
+    # Another seed: every image and every stored state goes (a state of the old seed must never
+    # seed a resume of the new one).
+    reseeded = GenerationSettings(**{**settings.to_dict(), "seed": 99})
+    other = generate_images(student_pipeline, prompts, tmp_path / "ours", reseeded, **QUIET)
+    assert "generation settings changed (seed)" in other.stale
+    assert other.paths[0].read_bytes() != before[other.paths[0].name]
