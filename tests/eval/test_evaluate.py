@@ -26,22 +26,9 @@ from eval.protocols import BK_SDM_COCO30K, evaluate_arguments, get_protocol
 from eval.report import metrics_fingerprints
 from offline.fashion_classifier import classifier_input
 from offline.fashion_mnist import fashion_prompts, load_fashion_mnist_arrays
+from testkit.evaluation import QUICK, quick_evaluate
 
 PROMPTS = ["a photo of a Dress", "a photo of a Bag", "a photo of a Coat", "a photo of a Sneaker"]
-QUICK = {
-    "num_inference_steps": 2,
-    "inception_score_splits": 2,
-    "allow_download": False,
-    "speed_warmup": 0,
-    "speed_repeats": 1,
-    "device": "cpu",
-    "progress": False,
-}
-
-
-def quick_evaluate(model, teacher, prompts, out_dir, **settings):
-    """evaluate() with flat settings, as a protocol or the CLI gives them, over QUICK's."""
-    return evaluate(model, teacher, prompts, out_dir, **evaluate_arguments(QUICK | settings))
 
 
 def table_lines(report: str) -> list[str]:

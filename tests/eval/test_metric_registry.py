@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.evaluate import evaluate
 from eval.metrics.base import Column, EvalContext, Metric, Need, Row
 from eval.metrics.registry import metric_classes, register_metric, unregister_metric
-from eval.protocols import evaluate_arguments
 from eval.results import MetricResult
+from testkit.evaluation import quick_evaluate
 
 PROMPTS = ["a photo of a Dress", "a photo of a Bag", "a photo of a Coat", "a photo of a Sneaker"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,17 +47,7 @@ def brightness_registered() -> Iterator[None]:
 def test_a_metric_is_one_module_and_one_line(
     tmp_path: Path, student_pipeline, brightness_registered, empty_torch_hub
 ) -> None:
-    settings = {
-        "num_images": 4,
-        "num_inference_steps": 2,
-        "inception_score_splits": 2,
-        "allow_download": False,
-        "speed_warmup": 0,
-        "speed_repeats": 1,
-        "device": "cpu",
-        "progress": False,
-    }
-    data = evaluate(student_pipeline, None, PROMPTS, tmp_path, **evaluate_arguments(settings))
+    data = quick_evaluate(student_pipeline, None, PROMPTS, tmp_path, num_images=4)
     (row,) = data["rows"]
     files = sorted((tmp_path / "images" / "student").glob("*.png"))
     expected = float(np.mean([np.asarray(Image.open(path)).mean() for path in files]))
