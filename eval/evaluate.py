@@ -119,8 +119,7 @@ def evaluate(
         prompts=prompt_list,
         generation=generation,
         device=device,
-        # Shallow: a loaded CLIP backend or judge stays the object it is (asdict would copy it).
-        options={f.name: getattr(options, f.name) for f in dataclasses.fields(options)},
+        options=options,
         progress=progress,
         has_teacher=teacher_dir is not None,
     )
@@ -248,33 +247,33 @@ def _feature_network(metrics: list[tuple[Metric, Any]], context: EvalContext) ->
     if not needs & {Need.INCEPTION, Need.INCEPTION_LOGITS}:
         return None
     options = context.options
-    if options["reference"] is None:  # said first: the fix is in the user's hands
+    if options.reference is None:  # said first: the fix is in the user's hands
         context.reference_missing = MetricResult.missing(
             "no FID reference given", detail="pass --reference"
         )
     try:
         network = load_feature_network(
             want_logits=Need.INCEPTION_LOGITS in needs,
-            weights_path=options["inception_weights"],
-            cache_dir=options["cache_dir"],
-            allow_download=options["allow_download"],
+            weights_path=options.inception_weights,
+            cache_dir=options.cache_dir,
+            allow_download=options.allow_download,
             device=context.device,
         )
     except MetricUnavailable as reason:
         context.reference_missing = context.reference_missing or MetricResult.missing(str(reason))
         return MetricResult.missing(str(reason))
-    reference = options["reference"]
+    reference = options.reference
     if reference is not None and Need.REFERENCE in needs:
         context.reference = reference_statistics(
             reference,
             network.network,
-            image_column=options["image_column"],
-            resize_to=options["reference_resize"],
-            weights_path=options["inception_weights"],
-            cache_dir=options["cache_dir"],
+            image_column=options.image_column,
+            resize_to=options.reference_resize,
+            weights_path=options.inception_weights,
+            cache_dir=options.cache_dir,
             device=context.device,
             progress=context.progress,
-            preprocessing=options["fid_preprocessing"],
+            preprocessing=options.fid_preprocessing,
         )
     return network
 
@@ -287,7 +286,7 @@ def _features(network: Any, images: GeneratedImages, name: str, context: EvalCon
     features = compute_features(
         images.paths,
         network,
-        preprocessing=context.options["fid_preprocessing"],
+        preprocessing=context.options.fid_preprocessing,
         device=context.device,
         progress=context.progress,
         desc=f"features {name}",
@@ -339,7 +338,7 @@ def _notes(
 ) -> list[str]:
     """Paragraphs under the table: sample sizes and seeds, the FID comparison."""
     n, seed = len(context.prompts), context.generation.seed
-    resamples = context.options["bootstrap_resamples"]
+    resamples = context.options.bootstrap_resamples
     if context.generation.seeding == "one-generator":
         seeding = f"images in prompt order from one generator seeded {seed} (BK-SDM's seeding)"
     else:

@@ -182,14 +182,14 @@ class FashionInDomain(Metric):
         return is_fashion_prompt_set(context.prompts)
 
     def prepare(self, context: EvalContext) -> None:
-        given = context.options["plugins"].get("fashion_classifier")
+        given = context.options.plugins.get("fashion_classifier")
         if isinstance(given, FashionClassifier):
             self.judge = given
             return
         try:
             self.judge = load_fashion_classifier(
                 given,
-                cache_dir=context.options["cache_dir"],
+                cache_dir=context.options.cache_dir,
                 device=context.device,
                 progress=context.progress,
             )
@@ -198,7 +198,7 @@ class FashionInDomain(Metric):
 
     def score(self, row: Row, context: EvalContext) -> dict[str, MetricResult]:
         images = row.images
-        splits = context.options["inception_score_splits"]
+        splits = context.options.inception_score_splits
         return {
             "class_accuracy": class_accuracy(images.paths, images.prompts, self.judge),
             "in_domain_is": in_domain_inception_score(

@@ -81,29 +81,6 @@ class Row:
     features: Features = field(default_factory=Features)
 
 
-@dataclass
-class EvalContext:
-    """What is shared by every row of one evaluation. `options` holds the metrics' own settings
-    (`EvalOptions`' fields, plus whatever a plugin metric reads by its own key)."""
-
-    prompts: list[str]
-    generation: GenerationSettings
-    device: torch.device
-    options: Mapping[str, Any]
-    progress: bool = True
-    has_teacher: bool = False
-    teacher: Row | None = None  # set once the teacher's row is scored
-    reference: Any = None  # FIDStatistics, when a reference was given and Inception loaded
-    reference_missing: MetricResult | None = None  # why there is no reference
-
-    @property
-    def seeds_text(self) -> str:
-        n, seed = len(self.prompts), self.generation.seed
-        if self.generation.seeding == "one-generator":
-            return f"one generator seeded {seed}, images in prompt order"
-        return f"seeds {seed}..{seed + n - 1} (prompt i: seed {seed}+i)"
-
-
 @dataclass(frozen=True)
 class EvalOptions:
     """The metric settings of `evaluate` that are not about generation (those are
@@ -130,6 +107,29 @@ class EvalOptions:
                 f"unknown FID preprocessing {self.fid_preprocessing!r}; choose "
                 + ", ".join(PREPROCESSINGS)
             )
+
+
+@dataclass
+class EvalContext:
+    """What is shared by every row of one evaluation: the prompts, how the images are made, and
+    the metrics' settings (`options.plugins` holds a plugin metric's own, by its key)."""
+
+    prompts: list[str]
+    generation: GenerationSettings
+    device: torch.device
+    options: EvalOptions
+    progress: bool = True
+    has_teacher: bool = False
+    teacher: Row | None = None  # set once the teacher's row is scored
+    reference: Any = None  # FIDStatistics, when a reference was given and Inception loaded
+    reference_missing: MetricResult | None = None  # why there is no reference
+
+    @property
+    def seeds_text(self) -> str:
+        n, seed = len(self.prompts), self.generation.seed
+        if self.generation.seeding == "one-generator":
+            return f"one generator seeded {seed}, images in prompt order"
+        return f"seeds {seed}..{seed + n - 1} (prompt i: seed {seed}+i)"
 
 
 class Metric:

@@ -24,7 +24,7 @@ class ClipScore(Metric):
 
     def prepare(self, context: EvalContext) -> None:
         """Loaded once for every row: BK-SDM's ViT-g-14 has 1.4B parameters."""
-        spec = context.options["clip_model"]
+        spec = context.options.clip_model
         if spec is not None:
             self.backend = (
                 spec if isinstance(spec, ClipBackend) else load_clip_backend(spec, context.device)

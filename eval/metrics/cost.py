@@ -30,8 +30,8 @@ class Cost(Metric):
         pipeline, settings = row.pipeline, row.images.settings
         seed = context.generation.seed
         repeats = {
-            "warmup": context.options["speed_warmup"],
-            "repeats": context.options["speed_repeats"],
+            "warmup": context.options.speed_warmup,
+            "repeats": context.options.speed_repeats,
         }
         results = dict(model_size(pipeline.unet))
         results["unet_evals"] = unet_evaluations(pipeline, settings)

@@ -15,9 +15,9 @@ def bootstrap_settings(context: EvalContext) -> dict[str, int]:
     """One seed for every bootstrap: sets of the same n draw the same resamples, so the
     teacher's, the student's and the fidelity FID's resampled values are paired."""
     return {
-        "resamples": context.options["bootstrap_resamples"],
+        "resamples": context.options.bootstrap_resamples,
         "seed": context.generation.seed,
-        "max_bootstrap_images": context.options["max_bootstrap_images"],
+        "max_bootstrap_images": context.options.max_bootstrap_images,
     }
 
 
@@ -45,7 +45,7 @@ class ReferenceFID(Metric):
         )
         self.scores[row.name] = score
         n = score.n
-        reference = context.options["reference"]
+        reference = context.options.reference
         detail = reference_detail(n, context.reference, reference)
         return {"fid": score.metric(f"{detail}; {row.features.preprocessing}")}
 

@@ -18,7 +18,7 @@ class InceptionScore(Metric):
         if features.logits is None:
             missing = features.missing or features.logits_missing
             return {"is": missing or MetricResult.missing("no Inception logits")}
-        splits, seed = context.options["inception_score_splits"], context.generation.seed
+        splits, seed = context.options.inception_score_splits, context.generation.seed
         mean, std = inception_score_of_logits(features.logits, splits, seed)
         return {
             "is": MetricResult(

@@ -162,7 +162,7 @@ def test_one_feature_pass_gives_fid_features_and_the_inception_score(
     features = compute_features(images, source, progress=False)
     row = Row("student", SimpleNamespace(paths=images), features=features)
     context = SimpleNamespace(
-        options={"inception_score_splits": 1}, generation=SimpleNamespace(seed=0)
+        options=SimpleNamespace(inception_score_splits=1), generation=SimpleNamespace(seed=0)
     )
     result = InceptionScore().score(row, context)["is"]
 
