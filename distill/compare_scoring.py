@@ -53,21 +53,14 @@ def score_comparison(
     from eval.fid_bootstrap import resamples as half_samples
     from eval.inception import load_inception, resolve_inception_weights, weights_digest
     from eval.prompts import load_prompts
-    from eval.protocols import get_protocol
+    from eval.protocols import evaluate_arguments, get_protocol
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     protocol = get_protocol(protocol_name)
     prompts = load_prompts(protocol.prompts, num_images, seed=protocol.seed)
-    settings = GenerationSettings(
-        num_inference_steps=protocol.num_inference_steps,
-        guidance_scale=protocol.guidance_scale,
-        scheduler=protocol.scheduler,
-        seed=protocol.seed,
-        batch_size=batch_size,
-        height=protocol.height,
-        width=protocol.width,
-        output_size=protocol.output_size,
-    )
+    # The protocol's generation settings as `distill eval` reads them, at this batch size.
+    arguments = evaluate_arguments(protocol.evaluate_kwargs() | {"batch_size": batch_size})
+    settings = arguments["generation"]
     inception = load_inception(device=device)
     inception_key = weights_digest(resolve_inception_weights())
     reference_data, resize = resolve_reference(reference, teacher, protocol.reference_resize)

@@ -48,10 +48,10 @@ from eval.fid_bootstrap import (
 )
 from eval.image_io import list_images, uint8_batches
 from eval.inception import (
-    FEATURE_DIM,
     load_inception,
     preprocessed_input,
     resolve_inception_weights,
+    run_inception,
     weights_digest,
 )
 from eval.results import MetricResult, MetricUnavailable
@@ -169,14 +169,10 @@ def image_features(
     desc: str = "Inception features",
 ) -> torch.Tensor:
     """Pool3 features of `images`, (n, 2048) float32 on the CPU, in the order given."""
-    chunks = []
-    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
-    with torch.inference_mode():
-        for batch in uint8_batches(images, batch_size):  # (B, 3, H, W) uint8
-            chunks.append(inception(batch.to(device)).to("cpu", torch.float32))  # (B, 2048)
-            bar.update(len(batch))
-    bar.close()
-    return torch.cat(chunks) if chunks else torch.zeros(0, FEATURE_DIM)
+    features, _ = run_inception(
+        images, inception, batch_size=batch_size, device=device, progress=progress, desc=desc
+    )
+    return features
 
 
 @dataclass(frozen=True)

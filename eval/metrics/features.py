@@ -20,16 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from eval.image_io import uint8_batches
 from eval.inception import (
     FEATURE_DIM,
     PREPROCESSINGS,
     has_classifier_head,
     load_inception,
-    preprocessed_input,
     resolve_inception_weights,
+    run_inception,
 )
 from eval.inception_score import NO_HEAD_DETAIL, classifier_weights
 from eval.metrics.base import Features
@@ -89,27 +87,16 @@ def compute_features(
     progress: bool = True,
     desc: str = "Inception features",
 ) -> Features:
-    """Pool3 features (n, 2048) and, where the head exists, logits (n, 1008) of `images`. The
-    logits always see torch-fidelity's preprocessing (IS is torch-fidelity's metric, also in
-    BK-SDM's scripts): under another FID preprocessing they take a second forward."""
-    pool3, logits = [], []
-    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
-    with torch.inference_mode():
-        for batch in uint8_batches(images, batch_size):  # (B, 3, H, W) uint8
-            batch = batch.to(device)
-            with preprocessed_input(source.network, batch, preprocessing):
-                # torchmetrics 1.9's forward returns only the first requested feature; its
-                # `_torch_fidelity_forward` (torch-fidelity's forward) returns all of them.
-                outputs = source.network._torch_fidelity_forward(batch)
-            pool3.append(outputs[0].reshape(len(batch), -1).to("cpu", torch.float32))
-            if source.with_logits:
-                if preprocessing != "torch-fidelity":
-                    outputs = source.network._torch_fidelity_forward(batch)
-                logits.append(outputs[1].to("cpu", torch.float32))  # (B, 1008)
-            bar.update(len(batch))
-    bar.close()
-    return Features(
-        pool3=torch.cat(pool3) if pool3 else torch.zeros(0, FEATURE_DIM),
-        logits=torch.cat(logits) if logits else None,
-        preprocessing=PREPROCESSINGS[preprocessing],
+    """Pool3 features (n, 2048) and, where the head exists, logits (n, 1008) of `images`
+    (`eval.inception.run_inception`: one pass, the logits on torch-fidelity's preprocessing)."""
+    pool3, logits = run_inception(
+        images,
+        source.network,
+        with_logits=source.with_logits,
+        preprocessing=preprocessing,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc=desc,
     )
+    return Features(pool3=pool3, logits=logits, preprocessing=PREPROCESSINGS[preprocessing])

@@ -29,6 +29,17 @@ from eval.metrics.features import compute_features, load_feature_network
 from eval.metrics.inception_score import InceptionScore
 
 
+def feature_network(weights: Path | None, want_logits: bool, allow_download: bool = False):
+    """The evaluation's Inception on the CPU, with the head's logits when asked for and present."""
+    return load_feature_network(
+        want_logits=want_logits,
+        weights_path=weights,
+        cache_dir=None,
+        allow_download=allow_download,
+        device=torch.device("cpu"),
+    )
+
+
 def write_image_set(folder: Path, kind: str, count: int, seed: int) -> Path:
     """`count` seeded 64x64 PNGs: coarse colour blocks or coloured stripes (+ a little noise),
     two clearly different distributions."""
@@ -129,10 +140,9 @@ def test_fewer_than_two_reference_images_is_a_user_error(tmp_path: Path, random_
 def test_inception_score_is_unavailable_without_a_classifier_head(
     inception_weights: Path, empty_torch_hub
 ) -> None:
-    common = {"cache_dir": None, "allow_download": False, "device": torch.device("cpu")}
-    offline = load_feature_network(want_logits=True, weights_path=None, **common)
+    offline = feature_network(None, want_logits=True)
     assert "classifier head" in offline.logits_missing.unavailable and not offline.with_logits
-    converted = load_feature_network(want_logits=True, weights_path=inception_weights, **common)
+    converted = feature_network(inception_weights, want_logits=True)
     assert "no classifier head" in converted.logits_missing.unavailable
 
 
@@ -152,13 +162,7 @@ def test_one_feature_pass_gives_fid_features_and_the_inception_score(
     stripes = write_image_set(tmp_path / "stripes", "stripes", count=2, seed=1)
     images = sorted(blocks.glob("*.png")) + sorted(stripes.glob("*.png"))
 
-    source = load_feature_network(
-        want_logits=True,
-        weights_path=with_head,
-        cache_dir=None,
-        allow_download=False,
-        device=torch.device("cpu"),
-    )
+    source = feature_network(with_head, want_logits=True)
     features = compute_features(images, source, progress=False)
     row = Row("student", SimpleNamespace(paths=images), features=features)
     context = SimpleNamespace(
@@ -197,13 +201,7 @@ def test_pytorch_fid_preprocessing_gives_pytorch_fids_own_features(
     theirs = get_activations([str(p) for p in images], network, batch_size=3, num_workers=0)
     theirs = torch.from_numpy(theirs).float()  # (3, 2048), float64 from pytorch-fid
 
-    source = load_feature_network(
-        want_logits=False,
-        weights_path=inception_weights,
-        cache_dir=None,
-        allow_download=False,
-        device=torch.device("cpu"),
-    )
+    source = feature_network(inception_weights, want_logits=False)
     ours = compute_features(images, source, preprocessing="pytorch-fid", progress=False).pool3
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
     default = compute_features(images, source, progress=False).pool3
@@ -285,12 +283,6 @@ def test_a_failed_download_is_a_footnote_in_words_and_a_log_line(
 
     monkeypatch.setattr(module, "download_torch_fidelity_weights", offline)
     with caplog.at_level("WARNING", logger="eval.inception_score"):
-        result = load_feature_network(
-            want_logits=True,
-            weights_path=None,
-            cache_dir=None,
-            allow_download=True,
-            device=torch.device("cpu"),
-        ).logits_missing
+        result = feature_network(None, want_logits=True, allow_download=True).logits_missing
     assert result.unavailable == module.NO_HEAD_REASON and "urlopen" not in str(result.detail)
     assert "urlopen error" in caplog.text
