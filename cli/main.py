@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from core.errors import UserInputError
+from core.host_allocator import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
 
@@ -48,6 +49,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    keep_freed_memory()  # every step reuses the last one's buffers (core.host_allocator)
     try:
         return args.run(args)
     except UserInputError as error:

@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from diffusers import ModelMixin
 from tqdm.auto import tqdm
 
+from core.host_allocator import release_freed_memory
 from distill.checkpoint import (
     Checkpoint,
     NonFiniteWeights,
@@ -167,6 +168,7 @@ class DistillationTrainer:
                 # this, the finished stage's AdamW state (4.3 GiB for SD's base student) would
                 # still be held while the next stage or the final pipeline loads.
                 self.accelerator.free_memory()
+                release_freed_memory()  # and hand its pages back (core.host_allocator)
             return self._save_final_pipeline()
         finally:
             self.cleanup()
@@ -176,6 +178,7 @@ class DistillationTrainer:
         Its optimizer state, EMA and gradients are freed on return, before the next stage (or
         the final pipeline) loads anything."""
         stage = self.stages.build(index, resume_from)
+        release_freed_memory()  # what loading freed: the steps allocate other sizes
         try:
             state = self._train_stage(stage)
             if state is None:
@@ -313,6 +316,10 @@ class DistillationTrainer:
         return total, {name: term.detach() for name, term in terms.items()}
 
     def _save_checkpoint(self, stage: Stage, state: LoopState) -> None:
+        # Each phase that allocates differently from the steps (saving, sampling, the next
+        # stage, the final pipeline) starts from the pages the steps' buffers left free: kept
+        # by the CLI's allocator setting, they would otherwise sit beside the new allocations.
+        release_freed_memory()
         self.accelerator.wait_for_everyone()
         try:  # every process: an FSDP network is gathered from all of them
             save_training_checkpoint(
@@ -331,6 +338,7 @@ class DistillationTrainer:
 
     def _save_snapshot(self, stage: Stage, step: int) -> None:
         """The stage's network as its end would save it, at a `save_at` step."""
+        release_freed_memory()
         snapshot = final_model(stage, self.accelerator)  # every process; the main one gets it
         if snapshot is not None:
             self.folder.save_model(self.folder.snapshot(stage.index, step), snapshot)
@@ -368,6 +376,7 @@ class DistillationTrainer:
         training = self.recipe.training
         if not training.validation_prompts:
             return
+        release_freed_memory()
         model = model or final_model(stage, self.accelerator, finish=False)
         if model is not None:
             settings = ValidationSettings(
