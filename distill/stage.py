@@ -33,6 +33,7 @@ from diffusers.optimization import get_scheduler
 
 from core.errors import UserInputError
 from core.paths import default_cache_root
+from distill.activation_checkpointing import enable_checkpointing
 from distill.checkpoint import Checkpoint, restore_training_checkpoint
 from distill.compilation import compile_regions, resolve_compile
 from distill.data import (
@@ -209,8 +210,7 @@ class StageBuilder:
                 mixed_precision=self.mixed_precision,  # "auto" as this machine resolved it
             )
         model = kind.prepare(model)
-        if self.training.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
-            model.enable_gradient_checkpointing()
+        enable_checkpointing(model, self.training.gradient_checkpointing)
         spec = stage.spec
         optimizer = make_optimizer(model, spec.lr, self.training, spec.weight_decay)
         lr_scheduler = get_scheduler(
