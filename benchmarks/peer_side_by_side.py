@@ -15,7 +15,9 @@ outputs, weights 1.0), AdamW at lr 5e-5, max grad norm 1.0:
   on a CPU, before the first timed step);
 - `ours`: `distill run bk_sdm_base` with the recipe's defaults (EMA on), the same data and
   teacher, batch 1 and no validation grids;
-- `ours-no-ema`: the same with `training.ema.enabled=false`.
+- `ours-no-ema`: the same with `training.ema.enabled=false`;
+- `ours-glibc-malloc`: `ours` with glibc's malloc defaults (`SD_DISTILL_MALLOC=system`; the CLI
+  otherwise keeps freed memory for reuse, `core.host_allocator`).
 
 Each run is a separate process, one after the other. Seconds per step: the clock between the
 training progress bar's updates (each script's own tqdm bar, read from its stderr), median over
@@ -142,10 +144,17 @@ def ours_command(
     ]  # fmt: skip
 
 
-def timed_run(command: list[str], bar: bytes, log: Path) -> dict[str, Any]:
-    """Run `command`; the times at which its training bar (`bar` in the line) advanced, and the
-    process's peak RSS."""
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "0"}
+def timed_run(
+    command: list[str], bar: bytes, log: Path, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run `command` (with `env` added to this process's environment); the times at which its
+    training bar (`bar` in the line) advanced, and the process's peak RSS."""
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TQDM_MININTERVAL": "0",
+        **(env or {}),
+    }
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     ticks: dict[int, float] = {}
@@ -208,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--runs",
         default="peer,ours,ours-no-ema",
-        help="comma-separated, in order: peer, ours, ours-no-ema, or ours:KEY=VALUE[;KEY=VALUE]",
+        help="comma-separated, in order: peer, ours, ours-no-ema, ours-glibc-malloc (glibc's "
+        "malloc defaults, core.host_allocator), or ours:KEY=VALUE[;KEY=VALUE]",
     )
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -217,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in args.runs.split(","):
         out = args.work / "runs" / name.replace(":", "_").replace("=", "-").replace(";", "_")
         log = args.work / f"{out.name}.log"
+        env = {}
         if name == "peer":
             if args.peer_script is None:
                 raise SystemExit("--peer-script is needed for the peer run")
@@ -224,12 +235,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             bar = b"Steps"
         else:
             extra = {"ours": [], "ours-no-ema": ["training.ema.enabled=false"]}.get(name)
+            if name == "ours-glibc-malloc":
+                extra, env = [], {"SD_DISTILL_MALLOC": "system"}
             if extra is None:
                 extra = name.split(":", 1)[1].split(";")
             command = ours_command(pipeline_dir, images_dir, out, args.steps, extra)
             bar = b"stage 1/1"
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = timed_run(command, bar, log)
+        results[name] = timed_run(command, bar, log, env)
         shutil.rmtree(out, ignore_errors=True)  # ~14 GB each: checkpoint, stage UNet, pipeline
         print(json.dumps({name: results[name]}), flush=True)
     results["load_average_end"] = os.getloadavg()

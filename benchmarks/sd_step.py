@@ -11,6 +11,8 @@ trainer's mixed precision.
 
     .venv/bin/python benchmarks/sd_step.py                      # 512 px, batch 1, bf16, stage 3
     .venv/bin/python benchmarks/sd_step.py --losses bk-sdm --gradient-checkpointing
+    .venv/bin/python benchmarks/sd_step.py --losses bk-sdm --gradient-checkpointing selective
+    .venv/bin/python benchmarks/sd_step.py --losses bk-sdm --profile 15   # the costliest ops
     .venv/bin/python benchmarks/sd_step.py --device cuda --batch-size 32 --compile --losses bk-sdm
     .venv/bin/python benchmarks/sd_step.py --tiny --threads 1   # seconds-long smoke run
 
@@ -25,7 +27,8 @@ allocated on a GPU) and its split into student weights, gradients, optimizer sta
 teacher and the rest (activations, temporaries, the libraries), and the phase split (teacher
 forward, student forward, losses, backward, optimizer, EMA; on a GPU each mark synchronises).
 On 2 shared cores a competing process slows every kernel many times: the load average is printed
-next to the figures.
+next to the figures. As `distill run` does, the process keeps freed memory for reuse
+(`core.host_allocator`; `--system-malloc` for glibc's defaults).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -51,6 +55,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from core.families import builtin_config, unet_from_config
+from core.host_allocator import keep_freed_memory
+from distill.activation_checkpointing import enable_checkpointing
 from distill.compilation import compile_regions, dynamo_counters
 from distill.ema import DiskEMA, StudentEMA
 from distill.losses import build_losses, validate_loss_blocks
@@ -76,6 +82,7 @@ LOSS_SETS = {
         "similarity": {"weight": 1.0, "max_positions": 256},
     },
 }
+CHECKPOINTING_SETTINGS = {None: False, "full": True, "selective": "selective"}
 MAX_GRAD_NORM = 1.0  # the trainer's default `training.max_grad_norm`
 LEARNING_RATE = 1e-5  # the reference recipe's; it does not change the cost
 EMA_DECAY = 0.9999
@@ -165,7 +172,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="image side in px (512)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        nargs="?",
+        const="full",
+        choices=("full", "selective"),
+        help="the student's activation checkpointing (training.gradient_checkpointing: full is "
+        "true); default: none",
+    )
     parser.add_argument(
         "--compile", action="store_true", help="regional torch.compile of both UNets"
     )
@@ -193,8 +207,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--warmup-steps", type=int, default=None, help="default: 1, or 3 with --compile"
     )
     parser.add_argument("--threads", type=int, default=None, help="default: os.cpu_count()")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="glibc's malloc defaults instead of the CLI's (core.host_allocator), to compare",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the last timed step under torch.profiler and print its N costliest ops",
+    )
     parser.add_argument(
         "--tiny", action="store_true", help=f"toy-width UNets at {TINY_RESOLUTION} px (smoke run)"
     )
@@ -357,6 +383,8 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    # As `distill run` does (cli.main), before the first large allocation.
+    kept_freed_memory = False if args.system_malloc else keep_freed_memory()
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     device = torch.device(args.device)
@@ -376,8 +404,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.channels_last:
         teacher.to(memory_format=torch.channels_last)
         student.to(memory_format=torch.channels_last)
-    if args.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+    enable_checkpointing(student, CHECKPOINTING_SETTINGS[args.gradient_checkpointing])
     if args.unfused_adamw:
         optimizer = torch.optim.AdamW(student.parameters(), lr=LEARNING_RATE)
     else:
@@ -420,9 +447,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 first_sample=step * args.batch_size,
                 device=device,
             )
-            steps.append(
-                timed_step(accelerator, model, teacher, batch, losses, taps, optimizer, ema)
-            )
+            last = step == args.warmup_steps + args.steps - 1
+            with op_profile(enabled=last and args.profile > 0) as profile:
+                steps.append(
+                    timed_step(accelerator, model, teacher, batch, losses, taps, optimizer, ema)
+                )
     warmup, timed = steps[: args.warmup_steps], steps[args.warmup_steps :]
     shutil.rmtree(ema_file.parent, ignore_errors=True)
     counters_end = dynamo_counters()
@@ -470,6 +499,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ema_storage": "disk" if isinstance(ema, DiskEMA) else ("memory" if ema else None),
         "ema_every": ema.every if ema is not None else None,
         "fused_adamw": not args.unfused_adamw,
+        "kept_freed_memory": kept_freed_memory,
         "params": {"teacher": count_params(teacher), "student": count_params(student)},
         "setup_seconds": setup_seconds,
         "warmup_seconds": [s["seconds"]["step"] for s in warmup],
@@ -503,7 +533,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "machine": facts,
         "load_average_end": list(os.getloadavg()),
+        "profile": profile.top_ops(args.profile) if args.profile else [],
     }
+
+
+class OpProfile:
+    """`torch.profiler` over one step, summarised per op (self time: an op's own kernels, not
+    its children's)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.events: Any = None
+
+    def top_ops(self, count: int) -> list[dict[str, Any]]:
+        if self.events is None:
+            return []
+        rows = sorted(self.events, key=lambda e: e.self_cpu_time_total, reverse=True)[:count]
+        return [
+            {"op": e.key, "calls": e.count, "self_seconds": e.self_cpu_time_total / 1e6}
+            for e in rows
+        ]
+
+
+@contextmanager
+def op_profile(enabled: bool) -> Iterator[OpProfile]:
+    result = OpProfile(enabled)
+    if not enabled:
+        yield result
+        return
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        yield result
+    result.events = profiler.key_averages()
 
 
 def timed_step(
@@ -567,12 +627,18 @@ def format_report(result: dict[str, Any]) -> str:
         f"{len(result['layer_pairs'])} layer pairs, "
         f"{'fused ' if result['fused_adamw'] else ''}AdamW, EMA "
         + (f"in {result['ema_storage']} every {result['ema_every']}" if result["ema"] else "off")
-        + (f", {result['compiled_blocks']} compiled blocks" if result["compiled_blocks"] else ""),
+        + (f", {result['compiled_blocks']} compiled blocks" if result["compiled_blocks"] else "")
+        + ("" if result["kept_freed_memory"] else ", glibc's malloc defaults"),
         f"  teacher  {result['teacher']}: {result['params']['teacher']:,} params "
         f"({teacher_dtype}, frozen)",
         f"  student  {result['student_variant']}: {result['params']['student']:,} params "
         f"({student_weights}"
-        f"{', gradient checkpointing' if result['gradient_checkpointing'] else ''})",
+        + (
+            f", {result['gradient_checkpointing']} gradient checkpointing"
+            if result["gradient_checkpointing"]
+            else ""
+        )
+        + ")",
         f"  batch {result['batch_size']} × {result['resolution']} px "
         f"({result['latent_size']}×{result['latent_size']} latents) on {machine['device']}",
         f"  machine  torch {machine['torch']}, threads {machine['threads']} of "
@@ -608,6 +674,12 @@ def format_report(result: dict[str, Any]) -> str:
         )
     terms = ", ".join(f"{name} {value:.4g}" for name, value in result["loss_terms"].items())
     lines.append(f"last step's loss terms: {terms}")
+    if result["profile"]:
+        lines.append("costliest ops of the last step (torch.profiler, self time):")
+        lines += [
+            f"  {row['self_seconds']:7.3f} s  {row['calls']:6d} calls  {row['op']}"
+            for row in result["profile"]
+        ]
     return "\n".join(lines)
 
 
