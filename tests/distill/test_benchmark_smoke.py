@@ -72,7 +72,10 @@ def test_tiny_step_runs_bk_sdm_losses_compiled_without_recompiling(capsys):
 
 
 def test_tiny_step_runs_the_three_stage3_losses_with_unit_weights(capsys):
-    result = load_benchmark().main(["--tiny", "--threads", "1", "--steps", "1"])
+    result = load_benchmark().main(
+        ["--tiny", "--threads", "1", "--steps", "1", "--gradient-checkpointing", "selective"]
+        + ["--profile", "4"]
+    )
     report = capsys.readouterr().out
 
     terms = result["loss_terms"]
@@ -81,6 +84,11 @@ def test_tiny_step_runs_the_three_stage3_losses_with_unit_weights(capsys):
     assert terms["total"] == pytest.approx(terms["task"] + terms["output_kd"] + terms["similarity"])
     assert "seconds per step over 1: median" in report
     assert "load average" in report
+    assert "selective gradient checkpointing" in report
+    # The profiled step's four costliest ops, costliest first, also in the report.
+    seconds = [row["self_seconds"] for row in result["profile"]]
+    assert len(seconds) == 4 and seconds == sorted(seconds, reverse=True) and seconds[0] > 0
+    assert all(f"calls  {row['op']}" in report for row in result["profile"])
 
 
 def test_resolution_must_be_a_multiple_of_the_unet_downsampling():
