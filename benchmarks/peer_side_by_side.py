@@ -125,6 +125,14 @@ def peer_command(
     ]  # fmt: skip
 
 
+# Our named runs: (recipe overrides, environment added to the run's).
+OUR_RUNS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "ours": ([], {}),
+    "ours-no-ema": (["training.ema.enabled=false"], {}),
+    "ours-glibc-malloc": ([], {"SD_DISTILL_MALLOC": "system"}),
+}
+
+
 def ours_command(
     pipeline_dir: Path, images_dir: Path, out: Path, steps: int, extra: Sequence[str]
 ) -> list[str]:
@@ -227,18 +235,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in args.runs.split(","):
         out = args.work / "runs" / name.replace(":", "_").replace("=", "-").replace(";", "_")
         log = args.work / f"{out.name}.log"
-        env = {}
         if name == "peer":
             if args.peer_script is None:
                 raise SystemExit("--peer-script is needed for the peer run")
             command = peer_command(args.peer_script, pipeline_dir, images_dir, out, args.steps)
-            bar = b"Steps"
+            bar, env = b"Steps", {}
         else:
-            extra = {"ours": [], "ours-no-ema": ["training.ema.enabled=false"]}.get(name)
-            if name == "ours-glibc-malloc":
-                extra, env = [], {"SD_DISTILL_MALLOC": "system"}
-            if extra is None:
-                extra = name.split(":", 1)[1].split(";")
+            extra, env = OUR_RUNS.get(name) or (name.split(":", 1)[1].split(";"), {})
             command = ours_command(pipeline_dir, images_dir, out, args.steps, extra)
             bar = b"stage 1/1"
         print(f"running {name} ...", file=sys.stderr, flush=True)

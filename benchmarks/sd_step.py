@@ -533,7 +533,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "machine": facts,
         "load_average_end": list(os.getloadavg()),
-        "profile": profile.top_ops(args.profile) if args.profile else [],
+        "profile": profile.top_ops(args.profile),  # the last step's; [] when not profiled
     }
 
 
@@ -541,9 +541,8 @@ class OpProfile:
     """`torch.profiler` over one step, summarised per op (self time: an op's own kernels, not
     its children's)."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.events: Any = None
+    def __init__(self) -> None:
+        self.events: Any = None  # torch.profiler's key_averages(), once the step has run
 
     def top_ops(self, count: int) -> list[dict[str, Any]]:
         if self.events is None:
@@ -557,7 +556,7 @@ class OpProfile:
 
 @contextmanager
 def op_profile(enabled: bool) -> Iterator[OpProfile]:
-    result = OpProfile(enabled)
+    result = OpProfile()
     if not enabled:
         yield result
         return

@@ -18,7 +18,7 @@ the difference).
 
 The price: what a phase freed stays resident until something reuses it, and a later phase that
 allocates other sizes (a checkpoint's copies, the next stage's models, the exported pipeline)
-grows the heap beside those holes: BK-SDM's side-by-side run ended 0.6 GB above its training
+grows the heap beside those holes: BK-SDM's side-by-side run ended 0.85 GB above its training
 steps' peak. `release_freed_memory` (`malloc_trim`) hands the free pages back between phases; the
 trainer calls it before each of them, so only the steps run with memory kept.
 """
@@ -42,12 +42,8 @@ SETTING_VARIABLE = "SD_DISTILL_MALLOC"
 def keep_freed_memory() -> bool:
     """Keep freed memory in the heap (no mmap'd blocks, no trimming). True where applied: on
     Linux with glibc, unless `SD_DISTILL_MALLOC=system`; elsewhere (macOS, musl) a no-op."""
-    if os.environ.get(SETTING_VARIABLE, "").lower() == "system" or not sys.platform.startswith(
-        "linux"
-    ):
-        return False
     libc = _glibc()
-    if libc is None:
+    if libc is None or os.environ.get(SETTING_VARIABLE, "").lower() == "system":
         return False
     # mallopt returns 1 on success. Trim first: a heap that may not shrink is what makes the
     # blocks that no longer go to mmap reusable.
@@ -58,13 +54,14 @@ def release_freed_memory() -> bool:
     """Return the heap's free pages to the kernel (glibc's `malloc_trim(0)`, which also releases
     free blocks inside the heap, not only at its top): before a phase that allocates differently
     from the steps. True where some memory was released; a no-op without glibc."""
-    libc = _glibc() if sys.platform.startswith("linux") else None
+    libc = _glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
+    """The process's C library where it is glibc on Linux, else None."""
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
     if name is None:
         return None
     try:

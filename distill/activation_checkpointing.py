@@ -37,28 +37,17 @@ aten = torch.ops.aten
 # The ops whose outputs "selective" keeps: the matmul-bound work of a UNet block on any device
 # (the attention kernels differ per backend; the ones this torch build lacks are skipped).
 _KEPT_OP_NAMES = (
-    "convolution.default",
-    "mm.default",
-    "addmm.default",
-    "bmm.default",
-    "baddbmm.default",
-    "_scaled_dot_product_flash_attention.default",
-    "_scaled_dot_product_flash_attention_for_cpu.default",
-    "_scaled_dot_product_efficient_attention.default",
-    "_scaled_dot_product_cudnn_attention.default",
+    "convolution",
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
 )
-
-
-def _kept_ops() -> frozenset[Any]:
-    ops = []
-    for name in _KEPT_OP_NAMES:
-        packet, overload = name.split(".")
-        if hasattr(aten, packet):
-            ops.append(getattr(getattr(aten, packet), overload))
-    return frozenset(ops)
-
-
-KEPT_OPS = _kept_ops()
+KEPT_OPS = frozenset(getattr(aten, name).default for name in _KEPT_OP_NAMES if hasattr(aten, name))
 
 
 def _keep_costly_outputs(context: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
