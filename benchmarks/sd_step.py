@@ -62,6 +62,7 @@ from distill.ema import DiskEMA, StudentEMA
 from distill.losses import build_losses, validate_loss_blocks
 from distill.optimizer_step import optimizer_step
 from distill.recipe import EMASpec, TrainingSpec
+from distill.saved_weight_casts import saved_weight_casts, step_autocast_kwargs
 from distill.stage import make_ema, make_optimizer
 from distill.step import NoisyBatch, StepTaps, distillation_losses, noise_batch
 from distill.teacher import FrozenTeacher
@@ -397,7 +398,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup_start = time.perf_counter()
     AcceleratorState._reset_state(True)
     mixed = "bf16" if args.precision == "bf16" else "no"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
+    accelerator = Accelerator(
+        mixed_precision=mixed, cpu=device.type == "cpu", kwargs_handlers=[step_autocast_kwargs()]
+    )
     config = teacher_config(args.tiny)
     teacher, student = build_models(config, args.precision, args.seed)
     teacher = teacher.to(device)
@@ -582,7 +585,7 @@ def timed_step(
     marks = PhaseMarks(device)
 
     def loss_step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with accelerator.autocast():
+        with accelerator.autocast(), saved_weight_casts():  # as the trainer's loss step
             total, terms = distillation_losses(model, teacher, batch, losses, taps)
         return total, {name: term.detach() for name, term in terms.items()}
 

@@ -55,6 +55,7 @@ from distill.provenance import RunProvenance
 from distill.recipe import DataSpec, EMASpec, TrainingSpec
 from distill.run_folder import RunFolder
 from distill.run_log import TRACKERS
+from distill.saved_weight_casts import step_autocast_kwargs
 from distill.step import tapped_paths
 from distill.step_randomness import EpochOrder
 from distill.taps import unwrap_model
@@ -319,6 +320,7 @@ def training_accelerator(training: TrainingSpec, logs: Path) -> Accelerator:
         mixed_precision=resolve_mixed_precision(training.mixed_precision, training.dtype),
         log_with=TRACKERS[training.report_to] or None,
         project_dir=str(logs),
+        kwargs_handlers=[step_autocast_kwargs()],
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise UserInputError(
