@@ -388,3 +388,4 @@ class DistillationTrainer:
             )
             with self.accelerator.autocast():  # a bf16 teacher beside fp32 VAE and text encoder
                 stage.kind.sample_grid(model, self.folder.sample_grid(stage.index, step), settings)
+            self.stages.park_idle_parts(stage.kind)  # what the grid's decode read in

@@ -15,6 +15,7 @@ from distill.checkpoint import TrainingState, list_checkpoints
 from distill.losses import LOSSES, Loss, LossOptions, StepOutputs
 from distill.recipe import validate_recipe
 from distill.trainer import DistillationTrainer, TrainingStopped
+from testkit.memory_maps import in_unlinked_file
 from testkit.recorded_run import load_record, mismatches, recorded_values
 from testkit.tiny_world import make_tiny_pipeline, recorded_recipe, tiny_recipe
 
@@ -110,6 +111,17 @@ def test_stage_starts_from_previous_stages_ema_student(teachers, tmp_path: Path)
     second = _stage_weights(trainer.run_dir, "02-soft_labels")
     for key, tensor in first.items():
         torch.testing.assert_close(second[key], tensor, rtol=0, atol=1e-6)
+
+
+def test_a_latent_stage_holds_its_idle_vae_as_a_file_map(teachers, tmp_path: Path) -> None:
+    """The steps read the latent cache, so the pipeline's VAE waits in an unlinked file map in
+    the run folder (`core.file_backed`), not in the process's own memory."""
+    raw = tiny_recipe(tmp_path, teachers)
+    raw["stages"] = raw["stages"][:1]
+    trainer = _train(raw, stop_after_steps=1)
+    vae = trainer.stages.stage_pipeline(0).vae
+    for name, tensor in vae.state_dict().items():
+        assert in_unlinked_file(tensor, trainer.run_dir), name
 
 
 def test_interrupted_and_resumed_run_ends_bitwise_equal(teachers, tmp_path: Path) -> None:
