@@ -11,8 +11,11 @@ process's resident set again. For frozen weights only: the map is private, and a
 (which nothing in a frozen module's use does) would be undone by the next `remap`.
 
 The file is unlinked from the start (reached through `/proc/self/fd`), so a crash or a
-preemption leaves nothing on disk. Linux only; elsewhere, and for weights not on the CPU (a GPU
-holds its own), `file_backed` leaves the module as it is.
+preemption leaves nothing on disk (on NFS, a `.nfs*` file until the client lets go). Linux only;
+elsewhere, for weights not on the CPU (a GPU holds its own), and where the file cannot be written
+or mapped (a full or read-only disk), `file_backed` leaves the module as it is. The pages read
+in sit in the page cache, which the kernel reclaims under pressure; on a tmpfs run folder they
+would be RAM all the same.
 """
 
 from __future__ import annotations
@@ -69,16 +72,10 @@ class FileBackedWeights:
         self._mapped: torch.Tensor | None = None
 
     def holds(self, module: nn.Module) -> bool:
-        """Whether every tensor of `module` is still a view of this file's current map (a cast
-        or a `.to()` since puts new tensors in their place, which the file does not have)."""
-        if self._mapped is None:
-            return False
-        start = self._mapped.data_ptr()
-        return all(
-            start <= t.data_ptr() < start + self.size
-            for t in (*module.parameters(), *module.buffers())
-            if t.numel()
-        )
+        """Whether `module`'s tensors are still the views of the current map, unwritten: a cast
+        or a `.to()` since puts new tensors in their place, an in-place write (`load_state_dict`)
+        changes them, and the file has neither."""
+        return self._mapped is not None and _identity(module) == self._mapped_identity
 
     def remap(self, module: nn.Module) -> None:
         """Point `module`'s tensors at a new private map of the file; the old map (and the
@@ -96,10 +93,16 @@ class FileBackedWeights:
             else:
                 owner._buffers[slot.name] = view
         self._mapped = mapped
+        self._mapped_identity = _identity(module)
 
     def close(self) -> None:
         self._mapped = None
         self._file.close()
+
+
+def _identity(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Where each tensor lives and how often it was written in place (`_version`)."""
+    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
 
 
 # A module parked once is remapped, not written again, when a later stage parks it.
@@ -121,8 +124,15 @@ def file_backed(module: nn.Module, directory: Path) -> bool:
     if weights is not None and not weights.holds(module):
         weights.close()
         weights = None
-    if weights is None:
-        weights = _PARKED[module] = FileBackedWeights(module, directory)
-        weakref.finalize(module, weights._file.close)  # not `weights`: a stale one may go
-    weights.remap(module)
+    try:
+        if weights is None:
+            weights = FileBackedWeights(module, directory)
+            _PARKED[module] = weights
+            weakref.finalize(module, weights._file.close)  # not `weights`: a stale one may go
+        weights.remap(module)
+    except OSError:  # a full or read-only disk, no /proc: the weights stay where they are
+        if weights is not None:
+            weights.close()
+        _PARKED.pop(module, None)
+        return False
     return True

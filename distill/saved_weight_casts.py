@@ -9,11 +9,13 @@ parameter and casts it again when the backward reads it. The cast is exact and d
 so the gradients are bitwise those of the plain backward; the price is one more cast of each
 weight per step.
 
-Autocast's own cast cache would still hold the copies until the outermost autocast exits, so a
-training step also runs with that cache off (`step_autocast_kwargs`, given to the Accelerator,
+Autocast's own cast cache would still hold every copy until the outermost autocast exits (the
+end of the loss step's forward, where the teacher runs after the student), so a training step
+also runs with that cache off (`step_autocast_kwargs`, given to the Accelerator,
 whose prepared model wraps its forward in an autocast of its own): a UNet uses each weight once
-per forward, and the cache saves nothing then. Inside a checkpointed block
-`torch.utils.checkpoint`'s own hooks take precedence, and nothing changes there.
+per forward, and the cache saves nothing then. Sampling is another matter (the same weights at
+every denoising step): the trainer's grids run under an autocast with the cache on. Inside a
+checkpointed block `torch.utils.checkpoint`'s own hooks take precedence, and nothing changes there.
 
 Both together, at SD v1.4's shapes, 512 px, batch 1, BK-SDM's losses, on a 2-core CPU
 (`benchmarks/sd_step.py --losses bk-sdm`): peak RSS without checkpointing 12.61 -> 11.86 GiB,
@@ -34,10 +36,11 @@ from accelerate.utils import AutocastKwargs
 _CAST_NODE = "ToCopyBackward0"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _RecastOnUnpack:
     parameter: torch.Tensor  # the fp32 leaf the saved copy was cast from
     dtype: torch.dtype  # the copy's dtype
+    version: int  # the parameter's `_version` at the forward: an in-place write since is refused
     # (size, stride, storage offset) when what was saved is a view of the copy: a linear layer
     # saves its cast weight transposed (`weight.t()`, a TBackward0 view of the ToCopyBackward0)
     view: tuple[torch.Size, tuple[int, ...], int] | None = None
@@ -50,17 +53,32 @@ def _pack(tensor: torch.Tensor) -> torch.Tensor | _RecastOnUnpack:
     if node is None or type(node).__name__ != _CAST_NODE:
         return tensor
     leaf = getattr(node.next_functions[0][0], "variable", None)
-    if leaf is None or leaf.dtype == copy.dtype or leaf.shape != copy.shape:
+    # Only a cast that `leaf.to(dtype)` makes again exactly: same device, shape and strides
+    # (not one that also moved the tensor or changed its memory format).
+    if (
+        leaf is None
+        or leaf.dtype == copy.dtype
+        or leaf.device != copy.device
+        or leaf.shape != copy.shape
+        or leaf.stride() != copy.stride()
+    ):
         return tensor
     view = None
     if copy is not tensor:
         view = (tensor.size(), tensor.stride(), tensor.storage_offset())
-    return _RecastOnUnpack(leaf, copy.dtype, view)
+    return _RecastOnUnpack(leaf, copy.dtype, leaf._version, view)
 
 
 def _unpack(saved: torch.Tensor | _RecastOnUnpack) -> torch.Tensor:
     if not isinstance(saved, _RecastOnUnpack):
         return saved
+    if saved.parameter._version != saved.version:
+        # What autograd says of a saved tensor written in place: the copy would have kept the
+        # forward's values, the parameter no longer has them.
+        raise RuntimeError(
+            "a parameter saved for the backward (as its low-precision cast) was modified by an "
+            "inplace operation between the forward and the backward"
+        )
     # `.to` keeps the parameter's strides, as autocast's cast did: the view's geometry holds.
     copy = saved.parameter.detach().to(saved.dtype)
     return copy if saved.view is None else copy.as_strided(*saved.view)

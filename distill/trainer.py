@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import AutocastKwargs
 from diffusers import ModelMixin
 from tqdm.auto import tqdm
 
@@ -386,6 +387,8 @@ class DistillationTrainer:
                 guidance=training.validation_guidance,
                 seed=self.recipe.seed,
             )
-            with self.accelerator.autocast():  # a bf16 teacher beside fp32 VAE and text encoder
+            # A bf16 teacher beside fp32 VAE and text encoder. The cast cache on (the steps run
+            # without it, distill.saved_weight_casts): every denoising step reuses the casts.
+            with self.accelerator.autocast(AutocastKwargs()):
                 stage.kind.sample_grid(model, self.folder.sample_grid(stage.index, step), settings)
             self.stages.park_idle_parts(stage.kind)  # what the grid's decode read in

@@ -1,10 +1,11 @@
 """`core.file_backed`: a frozen module's weights as a private file map, resident only when read.
 
 On a real module (CPU, seeded): the same Parameter objects with the same values, dtypes and
-outputs; the process's resident set shrinks by the weights' size when they are mapped, grows
-when a forward reads them, and shrinks again when they are mapped afresh; a module cast since
-is written again, not reverted. Not mapping (writing the file only) fails all but the last;
-mapping with `shared=True` still passes (the pages are clean).
+outputs; the map's resident part (`/proc/self/smaps`) is nothing once mapped, the weights' size
+once a forward reads them, and nothing again once mapped afresh; a module cast or written in
+place since is written again, not reverted; an unwritable folder leaves the module as it was.
+Not mapping (writing the file only) fails the first four; mapping with `shared=True` still
+passes (the pages are clean).
 """
 
 from __future__ import annotations
@@ -17,20 +18,9 @@ import torch
 from torch import nn
 
 from core.file_backed import file_backed
-from core.host_allocator import release_freed_memory
-from testkit.memory_maps import in_unlinked_file
+from testkit.memory_maps import in_unlinked_file, resident_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
-
-MIB = 2**20
-
-
-def resident_mib() -> float:
-    """This process's resident set, after handing freed heap pages back (the CLI keeps them)."""
-    release_freed_memory()
-    with open("/proc/self/status") as status:
-        kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
-    return kib / 1024
 
 
 def frozen_module() -> nn.Module:
@@ -59,19 +49,26 @@ def test_the_same_parameters_values_and_outputs(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # unlinked: nothing is left behind by a crash
 
 
-def test_mapped_weights_leave_the_resident_set_until_read(tmp_path: Path) -> None:
+def test_mapped_weights_are_resident_only_once_read(tmp_path: Path) -> None:
     module, x = frozen_module(), torch.randn(8, 2048)
-    size = sum(t.nbytes for t in module.state_dict().values()) / MIB  # 48 MiB
-    loaded = resident_mib()
+    size = sum(t.nbytes for t in module.state_dict().values())  # 48 MiB
     file_backed(module, tmp_path)
-    mapped = resident_mib()
+    weight = module[0].weight  # the map holds every tensor of the module
+    assert resident_bytes(weight) < 0.05 * size
     forward(module, x)  # reads every weight
-    read = resident_mib()
+    assert resident_bytes(weight) > 0.95 * size
     file_backed(module, tmp_path)  # mapped afresh: the pages read leave again
-    remapped = resident_mib()
-    assert loaded - mapped > 0.8 * size
-    assert read - mapped > 0.8 * size
-    assert read - remapped > 0.8 * size
+    assert resident_bytes(module[0].weight) < 0.05 * size
+
+
+def test_an_in_place_write_since_is_kept(tmp_path: Path) -> None:
+    module = frozen_module()
+    file_backed(module, tmp_path)
+    with torch.no_grad():
+        module[0].weight.fill_(7.0)  # as load_state_dict writes
+    file_backed(module, tmp_path)
+    assert torch.equal(module[0].weight, torch.full_like(module[0].weight, 7.0))
+    assert in_unlinked_file(module[0].weight, tmp_path)
 
 
 def test_a_module_cast_since_is_written_again(tmp_path: Path) -> None:
@@ -85,6 +82,11 @@ def test_a_module_cast_since_is_written_again(tmp_path: Path) -> None:
         assert in_unlinked_file(tensor, tmp_path), name
 
 
-def test_weights_off_the_cpu_or_none_are_left_alone(tmp_path: Path) -> None:
+def test_weights_off_the_cpu_none_or_an_unwritable_folder_are_left_alone(tmp_path: Path) -> None:
     assert not file_backed(nn.ReLU(), tmp_path)
     assert not file_backed(nn.Linear(2, 2, device="meta"), tmp_path)
+    module = frozen_module()
+    addresses = {name: t.data_ptr() for name, t in module.state_dict().items()}
+    assert not file_backed(module, tmp_path / "missing")
+    for name, tensor in module.state_dict().items():
+        assert tensor.data_ptr() == addresses[name], name

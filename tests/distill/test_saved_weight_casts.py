@@ -3,19 +3,23 @@
 On real autograd graphs (CPU, seeded): a saved cast of a parameter is packed as the parameter and
 every other saved tensor as itself; a linear layer's backward reads a fresh cast, not a kept copy,
 and gets the same gradient; a toy-width SD v1.4 UNet under bf16 autocast gets bitwise the
-gradients of the plain backward. Packing every cast (an activation's too) fails the second test;
-ignoring views (a linear layer saves its weight transposed) fails the third; recasting without
-the view's geometry fails the fourth.
+gradients of the plain backward. A cast `.to(dtype)` cannot make again (another memory format) is
+left as it is, and a parameter written in place before the backward is refused, as autograd
+refuses any saved tensor written since. Packing every cast (an activation's too), ignoring views
+(a linear layer saves its weight transposed), recasting without the view's geometry, ignoring the
+layout or the version: each fails a test here.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from distill.recipe import TrainingSpec
 from distill.saved_weight_casts import (
     _pack,
     _RecastOnUnpack,
@@ -23,6 +27,7 @@ from distill.saved_weight_casts import (
     saved_weight_casts,
     step_autocast_kwargs,
 )
+from distill.stage import training_accelerator
 from offline.tiny_models import sd_v1_4_toy_config
 
 
@@ -33,6 +38,24 @@ def test_a_cast_of_a_parameter_is_packed_as_the_parameter() -> None:
     assert isinstance(packed, _RecastOnUnpack)
     assert packed.parameter is weight
     assert torch.equal(_unpack(packed), copy)
+
+
+def test_a_cast_that_also_changes_the_layout_is_kept_as_it_is() -> None:
+    """`.to(dtype)` could not make it again (the recast would come back in the wrong layout)."""
+    weight = nn.Parameter(torch.randn(4, 4, 3, 3))
+    copy = weight.to(torch.bfloat16, memory_format=torch.channels_last)
+    assert _pack(copy) is copy
+
+
+def test_a_parameter_written_in_place_before_the_backward_is_refused() -> None:
+    weight = nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16, cache_enabled=False), saved_weight_casts():
+        loss = nn.functional.linear(x, weight).float().sum()
+    with torch.no_grad():
+        weight.mul_(3)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
 
 
 def test_activations_and_their_casts_are_kept_as_they_are() -> None:
@@ -99,5 +122,7 @@ def test_a_bf16_unet_backward_is_bitwise_the_same() -> None:
         assert torch.equal(grad, reference[name]), name
 
 
-def test_training_steps_run_without_autocasts_cast_cache() -> None:
+def test_the_trainers_accelerator_runs_without_autocasts_cast_cache(tmp_path) -> None:
+    accelerator = training_accelerator(TrainingSpec(mixed_precision="bf16"), tmp_path)
+    assert accelerator.autocast_handler.to_kwargs() == {"cache_enabled": False}
     assert step_autocast_kwargs().to_kwargs() == {"cache_enabled": False}
