@@ -47,6 +47,8 @@ def _reference_folder(folder: Path) -> Path:
     return folder
 
 
+# Four trained and scored runs (~50 s on 2 cores): the tests that read them run with the end-to-end
+# chains (`make test-e2e`), keeping `make test` under its 4 minutes.
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory: pytest.TempPathFactory, teachers: dict[str, Path]):
     root = tmp_path_factory.mktemp("compare")
@@ -79,6 +81,7 @@ def comparison(tmp_path_factory: pytest.TempPathFactory, teachers: dict[str, Pat
     return runs, out, score, score()
 
 
+@pytest.mark.e2e
 def test_every_cell_is_in_the_json(comparison) -> None:
     runs, out, _, data = comparison
     assert [entry["name"] for entry in data["recipes"]] == ["toy_task", "toy_kd"]
@@ -99,6 +102,7 @@ def test_every_cell_is_in_the_json(comparison) -> None:
     assert len(fingerprints) == 4
 
 
+@pytest.mark.e2e
 def test_paired_difference_is_the_mean_of_per_seed_differences(comparison) -> None:
     _, _, _, data = comparison
     base, other = data["recipes"]
@@ -118,6 +122,7 @@ def test_paired_difference_is_the_mean_of_per_seed_differences(comparison) -> No
         )
 
 
+@pytest.mark.e2e
 def test_a_rerun_after_an_interruption_reaches_the_same_report(comparison) -> None:
     runs, out, score, first = comparison
     # Interrupted after its last checkpoint, before the export: no pipeline, no report.
@@ -146,6 +151,7 @@ def test_unequal_compute_is_one_line_with_both_totals(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e
 def test_a_run_left_by_an_edited_recipe_is_not_reused(comparison, tmp_path: Path) -> None:
     runs, _, _, _ = comparison
     trained = runs[0]
