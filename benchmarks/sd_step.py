@@ -62,7 +62,7 @@ from distill.ema import DiskEMA, StudentEMA
 from distill.losses import build_losses, validate_loss_blocks
 from distill.optimizer_step import optimizer_step
 from distill.recipe import EMASpec, TrainingSpec
-from distill.saved_weight_casts import saved_weight_casts, step_autocast_kwargs
+from distill.saved_weight_casts import step_autocast_kwargs, step_forward
 from distill.stage import make_ema, make_optimizer
 from distill.step import NoisyBatch, StepTaps, distillation_losses, noise_batch
 from distill.teacher import FrozenTeacher
@@ -585,7 +585,7 @@ def timed_step(
     marks = PhaseMarks(device)
 
     def loss_step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with accelerator.autocast(), saved_weight_casts():  # as the trainer's loss step
+        with step_forward(accelerator):  # as the trainer's loss step
             total, terms = distillation_losses(model, teacher, batch, losses, taps)
         return total, {name: term.detach() for name, term in terms.items()}
 

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs
 
 _CAST_NODE = "ToCopyBackward0"
@@ -90,6 +91,15 @@ def saved_weight_casts() -> Iterator[None]:
     parameters themselves (see the module docstring). Wrap the forward; the backward needs
     nothing."""
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        yield
+
+
+@contextmanager
+def step_forward(accelerator: Accelerator) -> Iterator[None]:
+    """A training step's forward: the run's autocast (its Accelerator built with
+    `step_autocast_kwargs`) with the saved casts kept as parameters. The trainer's loss step and
+    `benchmarks/sd_step.py` both run under it."""
+    with accelerator.autocast(), saved_weight_casts():
         yield
 
 

@@ -47,7 +47,7 @@ from distill.preemption import Preempted, StopRequests
 from distill.recipe import Recipe
 from distill.run_folder import RunFolder
 from distill.run_log import RunLog, tracker_init_kwargs
-from distill.saved_weight_casts import saved_weight_casts
+from distill.saved_weight_casts import step_forward
 from distill.stage import Stage, StageBuilder, final_model, training_accelerator
 from distill.update import scaler_is_calibrating
 
@@ -313,7 +313,7 @@ class DistillationTrainer:
         waited = time.perf_counter()
         batch = next(stage.batches)
         state.data_wait_s += time.perf_counter() - waited
-        with self.accelerator.autocast(), saved_weight_casts():
+        with step_forward(self.accelerator):
             total, terms = stage.kind.loss_step(stage.model, batch)
         return total, {name: term.detach() for name, term in terms.items()}
 
