@@ -54,6 +54,7 @@ from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
+from core.cpu_attention import use_kernel_attention
 from core.families import builtin_config, unet_from_config
 from core.host_allocator import keep_freed_memory
 from distill.activation_checkpointing import enable_checkpointing
@@ -197,6 +198,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--channels-last", action="store_true", help="both UNets in channels-last memory format"
+    )
+    parser.add_argument(
+        "--torch-attention",
+        action="store_true",
+        help="PyTorch's attention kernels instead of the trainer's CPU kernel (core.cpu_attention)",
     )
     parser.add_argument(
         "--unfused-adamw",
@@ -408,6 +414,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         teacher.to(memory_format=torch.channels_last)
         student.to(memory_format=torch.channels_last)
     enable_checkpointing(student, CHECKPOINTING_SETTINGS[args.gradient_checkpointing])
+    kernel_attention = 0
+    if not args.torch_attention:  # as the trainer does (distill.stage)
+        kernel_attention = use_kernel_attention(student, device)
+        kernel_attention += use_kernel_attention(teacher.unet, device)
     if args.unfused_adamw:
         optimizer = torch.optim.AdamW(student.parameters(), lr=LEARNING_RATE)
     else:

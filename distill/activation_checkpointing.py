@@ -31,6 +31,8 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+import core.cpu_attention  # noqa: F401 (registers sd_distill::cpu_attention)
+
 CheckpointingSetting = Literal["selective"] | bool
 
 aten = torch.ops.aten
@@ -47,7 +49,10 @@ _KEPT_OP_NAMES = (
     "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention",
 )
-KEPT_OPS = frozenset(getattr(aten, name).default for name in _KEPT_OP_NAMES if hasattr(aten, name))
+KEPT_OPS = frozenset(
+    [getattr(aten, name).default for name in _KEPT_OP_NAMES if hasattr(aten, name)]
+    + [torch.ops.sd_distill.cpu_attention.default]  # the project's CPU kernel (core.cpu_attention)
+)
 
 
 def _keep_costly_outputs(context: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:

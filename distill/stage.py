@@ -31,6 +31,7 @@ from accelerate.utils import DistributedType, is_wandb_available
 from diffusers import ModelMixin
 from diffusers.optimization import get_scheduler
 
+from core.cpu_attention import use_kernel_attention
 from core.errors import UserInputError
 from core.file_backed import file_backed
 from core.paths import default_cache_root
@@ -223,6 +224,9 @@ class StageBuilder:
         self.park_idle_parts(kind)
         model = kind.prepare(model)
         enable_checkpointing(model, self.training.gradient_checkpointing)
+        use_kernel_attention(model, accelerator.device)
+        if teacher is not None:
+            use_kernel_attention(teacher.unet, accelerator.device)
         spec = stage.spec
         optimizer = make_optimizer(model, spec.lr, self.training, spec.weight_decay)
         lr_scheduler = get_scheduler(
