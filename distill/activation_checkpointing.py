@@ -7,6 +7,10 @@
                  convolutions, matmuls and attention are kept, and only the cheap ops between
                  them run again (norms, activations, adds, autocast's casts)
 
+"auto" is "selective" on a CPU and `true` on a GPU. A CPU trains at a small batch, where
+activations are a small part of memory (at batch 1, 512 px: "selective" costs 0.15 GiB over
+`true` and makes the step 13% faster); a GPU trains at a batch where they dominate memory.
+
 "selective" is PyTorch's selective activation checkpointing (`torch.utils.checkpoint` with a
 policy from `create_selective_checkpoint_contexts`) passed to diffusers as the checkpointing
 function. The outputs it keeps are most of a block's FLOPs and a minority of its activation
@@ -68,6 +72,16 @@ def selective_checkpoint(module: nn.Module, *args: Any) -> Any:
         use_reentrant=False,
         context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_costly_outputs),
     )
+
+
+def resolve_checkpointing(
+    setting: CheckpointingSetting | Literal["auto"], device_type: str
+) -> CheckpointingSetting:
+    """`training.gradient_checkpointing` as applied on `device_type`: "auto" is "selective" on
+    a CPU and true elsewhere."""
+    if setting == "auto":
+        return "selective" if device_type == "cpu" else True
+    return setting
 
 
 def enable_checkpointing(model: nn.Module, setting: CheckpointingSetting) -> bool:

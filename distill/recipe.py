@@ -110,8 +110,9 @@ class TrainingSpec(_Strict):
     # agree across CPUs (every model cast to float64; no mixed precision).
     dtype: Literal["float32", "float64"] = "float32"
     # true: each block recomputed in the backward; "selective": only the cheap ops between its
-    # convolutions, matmuls and attention (distill.activation_checkpointing).
-    gradient_checkpointing: Literal["selective"] | bool = False
+    # convolutions, matmuls and attention; "auto": selective on a CPU, true on a GPU
+    # (distill.activation_checkpointing). All give the same gradients.
+    gradient_checkpointing: Literal["auto", "selective"] | bool = False
     # Regional torch.compile of the student and the stage teacher (distill.compilation): "auto"
     # compiles on CUDA, where it pays; on a CPU only when set to true.
     compile: Literal["auto"] | bool = "auto"

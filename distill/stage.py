@@ -35,7 +35,7 @@ from core.cpu_attention import use_kernel_attention
 from core.errors import UserInputError
 from core.file_backed import file_backed
 from core.paths import default_cache_root
-from distill.activation_checkpointing import enable_checkpointing
+from distill.activation_checkpointing import enable_checkpointing, resolve_checkpointing
 from distill.checkpoint import Checkpoint, restore_training_checkpoint
 from distill.compilation import compile_regions, resolve_compile
 from distill.data import (
@@ -223,7 +223,10 @@ class StageBuilder:
             )
         self.park_idle_parts(kind)
         model = kind.prepare(model)
-        enable_checkpointing(model, self.training.gradient_checkpointing)
+        enable_checkpointing(
+            model,
+            resolve_checkpointing(self.training.gradient_checkpointing, accelerator.device.type),
+        )
         use_kernel_attention(model, accelerator.device)
         if teacher is not None:
             use_kernel_attention(teacher.unet, accelerator.device)

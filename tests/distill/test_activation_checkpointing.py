@@ -14,7 +14,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from distill.activation_checkpointing import enable_checkpointing
+from distill.activation_checkpointing import enable_checkpointing, resolve_checkpointing
 from offline.tiny_models import sd_v1_4_toy_config
 
 
@@ -55,3 +55,11 @@ def test_selective_recomputes_no_convolution_matmul_or_attention(runs) -> None:
     assert selective == none
     # `true` runs each block's forward again: about half the backward's 2× forward more.
     assert full > 1.3 * none
+
+
+def test_auto_is_selective_on_a_cpu_and_full_on_a_gpu() -> None:
+    assert resolve_checkpointing("auto", "cpu") == "selective"
+    assert resolve_checkpointing("auto", "cuda") is True
+    for setting in (False, True, "selective"):  # an explicit setting is kept on every device
+        assert resolve_checkpointing(setting, "cpu") == setting
+        assert resolve_checkpointing(setting, "cuda") == setting
