@@ -416,8 +416,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     enable_checkpointing(student, CHECKPOINTING_SETTINGS[args.gradient_checkpointing])
     kernel_attention = 0
     if not args.torch_attention:  # as the trainer does (distill.stage)
-        kernel_attention = use_kernel_attention(student, device)
-        kernel_attention += use_kernel_attention(teacher.unet, device)
+        compute = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        kernel_attention = use_kernel_attention(student, device, compute)
+        kernel_attention += use_kernel_attention(teacher.unet, device, compute)
     if args.unfused_adamw:
         optimizer = torch.optim.AdamW(student.parameters(), lr=LEARNING_RATE)
     else:
@@ -508,6 +509,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "gradient_checkpointing": args.gradient_checkpointing,
         "compiled_blocks": compiled,
+        "kernel_attention_modules": kernel_attention,
         "ema": not args.no_ema,
         "ema_storage": "disk" if isinstance(ema, DiskEMA) else ("memory" if ema else None),
         "ema_every": ema.every if ema is not None else None,
@@ -640,7 +642,12 @@ def format_report(result: dict[str, Any]) -> str:
         f"{'fused ' if result['fused_adamw'] else ''}AdamW, EMA "
         + (f"in {result['ema_storage']} every {result['ema_every']}" if result["ema"] else "off")
         + (f", {result['compiled_blocks']} compiled blocks" if result["compiled_blocks"] else "")
-        + ("" if result["kept_freed_memory"] else ", glibc's malloc defaults"),
+        + ("" if result["kept_freed_memory"] else ", glibc's malloc defaults")
+        + (
+            f", the CPU attention kernel in {result['kernel_attention_modules']} attention modules"
+            if result["kernel_attention_modules"]
+            else ", torch's attention"
+        ),
         f"  teacher  {result['teacher']}: {result['params']['teacher']:,} params "
         f"({teacher_dtype}, frozen)",
         f"  student  {result['student_variant']}: {result['params']['student']:,} params "

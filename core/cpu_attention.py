@@ -1,18 +1,22 @@
 """Attention on the CPU through the project's AVX512-BF16 kernel (core/kernels/attention_*.cpp).
 
 torch 2.14's CPU flash attention runs Stable Diffusion's attention at a third of the bf16 matmul
-peak on CPUs without AMX: 160 ms for one 4,096-token self-attention (8 heads of 40) on this
-project's 2-core machines, 77 ms with the kernel (`benchmarks/attention_kernel.py`). A distillation
-step runs it 8 times forward (5 in the teacher, 3 in the base student).
+peak on CPUs without AMX. For one 4,096-token self-attention (8 heads of 40) on this project's
+2-core machines: 166 ms forward and 314 ms backward, against the kernel's 78 and 202
+(`benchmarks/attention_kernel.py`). A distillation step into the base student runs it 8 times
+forward (5 in the teacher, 3 in the student) and 3 times backward.
 
-How it plugs in. `use_kernel_attention(unet)` gives every attention module of a diffusers model
-`KernelAttnProcessor`: diffusers' own `AttnProcessor2_0`, run under a torch-function mode that
-sends its `F.scaled_dot_product_attention` call to the `sd_distill::cpu_attention` op when the
-kernel can take it (bf16 CPU tensors, no mask, no dropout, not causal, an even head dim up to
-256) and to PyTorch otherwise, so an fp32 run or a masked call is unchanged. The op returns the
-output and the rows' log-sum-exp as torch's flash kernel does, and its backward is torch's flash
-backward. It is a registered op, so selective activation checkpointing can keep its output
-(`distill.activation_checkpointing`) and torch.compile treats it as one opaque call.
+How it plugs in. `use_kernel_attention(unet, device)` gives every attention module of a
+diffusers model trained in bf16 on a CPU `KernelAttnProcessor`: diffusers' own
+`AttnProcessor2_0`, run under a torch-function mode that sends its
+`F.scaled_dot_product_attention` call to the `sd_distill::cpu_attention` op when the kernel
+takes it (`kernel_takes`: bf16 CPU tensors, no mask, no dropout, not causal, an even head dim up
+to 256, and a shape where it measured faster) and to PyTorch otherwise, so an fp32 run or a
+masked call is unchanged. The op returns the output and each row's log-sum-exp as torch's flash
+kernel does; its backward runs on the kernel from 1,024 keys up and on torch's flash backward
+below, which reads the same (out, lse). It is a registered op, so selective activation
+checkpointing can keep its output (`distill.activation_checkpointing`) and torch.compile treats
+it as one opaque call.
 
 `SD_DISTILL_ATTENTION=torch` leaves PyTorch's kernels everywhere.
 """
@@ -279,10 +283,13 @@ class KernelAttnProcessor(AttnProcessor2_0):
             return super().__call__(attn, *args, **kwargs)
 
 
-def use_kernel_attention(model: nn.Module, device: torch.device) -> int:
-    """Give every attention module of `model`, run on `device`, that has diffusers' default
-    processor the kernel's; returns how many (0 off a CPU, or where the kernel cannot run)."""
-    if device.type != "cpu" or not available():
+def use_kernel_attention(
+    model: nn.Module, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16
+) -> int:
+    """Give every attention module of `model`, run on `device` in `compute_dtype`, that has
+    diffusers' default processor the kernel's; returns how many (0 off a CPU, for a compute
+    dtype other than bf16, or where the kernel cannot run)."""
+    if device.type != "cpu" or compute_dtype != torch.bfloat16 or not available():
         return 0
     processor, switched = KernelAttnProcessor(), 0
     for module in model.modules():

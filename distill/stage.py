@@ -227,9 +227,9 @@ class StageBuilder:
             model,
             resolve_checkpointing(self.training.gradient_checkpointing, accelerator.device.type),
         )
-        use_kernel_attention(model, accelerator.device)
+        use_kernel_attention(model, accelerator.device, self.precision.compute)
         if teacher is not None:
-            use_kernel_attention(teacher.unet, accelerator.device)
+            use_kernel_attention(teacher.unet, accelerator.device, self.precision.compute)
         spec = stage.spec
         optimizer = make_optimizer(model, spec.lr, self.training, spec.weight_decay)
         lr_scheduler = get_scheduler(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from core import cpu_attention
 from testkit.tiny_world import TOY_TEACHER_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +58,12 @@ def test_a_fresh_venv_install_runs_student_run_and_eval_outside_the_checkout(
     work.mkdir()
     located = _run([python, "-c", "import distill, recipes; print(distill.__file__)"], cwd=work)
     assert str(environment) in located and str(ROOT) not in located
+    # The CPU attention kernel's C++ source ships in the wheel: the installed copy builds it
+    # wherever the checkout's does.
+    kernel = _run(
+        [python, "-c", "from core import cpu_attention; print(cpu_attention.available())"], work
+    )
+    assert kernel.strip() == str(cpu_attention.available())
 
     student = json.loads(
         _run([distill, "student", "--teacher", "sd-v1-4", "--variant", "base", "--json"], work)

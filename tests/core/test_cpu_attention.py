@@ -8,17 +8,13 @@ row or the softmax's Jacobian term is off by far more than bf16's rounding.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
+from core import cpu_attention as cpu_attention_module
 from core import kernels
 from core.cpu_attention import (
     KERNEL_FORWARD_MIN_SCORES,
@@ -34,7 +30,6 @@ from offline.tiny_models import sd_v1_4_toy_config
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs x86 with AVX512-BF16 and g++")
 
-ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 # (query shape, key/value shape): SD's cross-attention (77 text tokens), tails of every tile
@@ -169,6 +164,7 @@ def test_a_unet_on_the_kernel_is_as_exact_as_on_torchs() -> None:
     attention_modules = sum(isinstance(m, Attention) for m in model.modules())
     assert use_kernel_attention(model, CPU) == attention_modules > 0
     assert use_kernel_attention(model, torch.device("meta")) == 0  # only on a CPU
+    assert use_kernel_attention(model, CPU, torch.float32) == 0  # only for bf16 compute
     score_counts = []  # query tokens × key tokens of each attention call
 
     def record(module, args, kwargs) -> None:  # noqa: ANN001
@@ -215,24 +211,22 @@ def test_a_failed_build_leaves_torchs_kernel(tmp_path, monkeypatch) -> None:
         kernels.load.cache_clear()
 
 
-def test_a_build_is_reused_and_torch_is_one_setting_away(tmp_path) -> None:
-    """Two fresh processes: the first builds into the cache, the second loads that build;
-    SD_DISTILL_ATTENTION=torch turns the kernel off."""
-    probe = (
-        f"import sys; sys.path.insert(0, {str(ROOT)!r}); from core import cpu_attention; "
-        "print(cpu_attention.available())"
-    )
-    env = {**os.environ, kernels.CACHE_VARIABLE: str(tmp_path)}
-
-    def run(**extra: str) -> str:
-        command = [sys.executable, "-c", probe]
-        return subprocess.run(
-            command, env={**env, **extra}, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    assert run() == "True"
-    (built,) = tmp_path.rglob("attention_avx512-*.so")
-    modified = built.stat().st_mtime_ns
-    assert run() == "True"
-    assert built.stat().st_mtime_ns == modified and len(list(tmp_path.rglob("*.so"))) == 1
-    assert run(SD_DISTILL_ATTENTION="torch") == "False"
+def test_a_build_is_reused_and_torch_is_one_setting_away(tmp_path, monkeypatch) -> None:
+    """The first load builds into the cache, the next loads that build; with
+    SD_DISTILL_ATTENTION=torch the kernel is off."""
+    monkeypatch.setenv(kernels.CACHE_VARIABLE, str(tmp_path))
+    try:
+        kernels.load.cache_clear()
+        assert kernels.load("attention_avx512", kernels.AVX512_BF16_FLAGS, ()) is not None
+        (built,) = tmp_path.rglob("attention_avx512-*.so")
+        modified = built.stat().st_mtime_ns
+        kernels.load.cache_clear()
+        assert kernels.load("attention_avx512", kernels.AVX512_BF16_FLAGS, ()) is not None
+        assert built.stat().st_mtime_ns == modified and len(list(tmp_path.rglob("*.so"))) == 1
+        monkeypatch.setenv("SD_DISTILL_ATTENTION", "torch")
+        cpu_attention_module._library.cache_clear()
+        assert not available()
+        assert use_kernel_attention(toy_unet(), CPU) == 0
+    finally:
+        kernels.load.cache_clear()
+        cpu_attention_module._library.cache_clear()
