@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import inspect
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -57,13 +58,17 @@ _SIGNATURES = {
     "attention_forward": ("piiiiipiifpiiipii", ctypes.c_int),
     "attention_backward_pack_size": ("iii", _I64),
     "attention_backward_pack": ("pppp" + "i" * 13 + "pii", None),
-    "attention_backward": ("piiiipiiipppiiifppiiipii", ctypes.c_int),
+    "attention_backward": ("piiiipiiipppiiifppiiipiii", ctypes.c_int),
 }
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get(SETTING_VARIABLE, "").lower() == "torch":
+        return None
+    if "amx_bf16" in kernels.cpu_flags():
+        # torch's flash kernel packs for AMX's tile products there; the kernel's speed-up was
+        # measured only on CPUs without AMX, so where AMX is, torch's kernel stays.
         return None
     library = kernels.load(
         "attention_avx512", kernels.AVX512_BF16_FLAGS, kernels.AVX512_BF16_CPU_FLAGS
@@ -83,30 +88,43 @@ def available() -> bool:
     return _library() is not None
 
 
-_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def _worker_count(items: int) -> int:
-    return max(1, min(torch.get_num_threads(), items))
+def _ranges(items: int) -> list[tuple[int, int]]:
+    """[0, items) in one contiguous range per torch thread (at most one per item)."""
+    workers = max(1, min(torch.get_num_threads(), items))
+    return [(i * items // workers, (i + 1) * items // workers) for i in range(workers)]
 
 
-def _run_split(work: Callable[[int, int, int], int], items: int) -> None:
-    """`work(begin, end, worker)` over [0, items), one contiguous range per torch thread, each
-    in its own pool thread (ctypes releases the GIL for the kernel's call)."""
-    workers = _worker_count(items)
-    ranges = [(i * items // workers, (i + 1) * items // workers, i) for i in range(workers)]
-    if workers == 1:
-        codes = [work(*ranges[0])]
+def _run(work: Callable[[int, int, int], int], ranges: list[tuple[int, int]]) -> None:
+    """`work(begin, end, worker)` for each range, each in its own pool thread (ctypes releases
+    the GIL for the kernel's call)."""
+    if len(ranges) == 1:
+        codes = [work(*ranges[0], 0)]
     else:
-        key = (os.getpid(), workers)  # a forked process (a data worker) gets its own threads
-        pool = _pools.get(key) or _pools.setdefault(key, ThreadPoolExecutor(workers))
-        codes = list(pool.map(lambda span: work(*span), ranges))
+        # One pool per process (a forked data worker gets its own); its threads start as needed.
+        pool = _pools.get(os.getpid()) or _pools.setdefault(
+            os.getpid(), ThreadPoolExecutor(max(os.cpu_count() or 1, torch.get_num_threads()))
+        )
+        codes = list(pool.map(lambda args: work(*args[1], args[0]), enumerate(ranges)))
     if any(codes):
         raise RuntimeError(f"the attention kernel refused its arguments (codes {codes})")
 
 
 def _ceil_div(value: int, divisor: int) -> int:
     return -(-value // divisor)
+
+
+def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """What the kernel reads its operands as (it packs values with the keys' strides)."""
+    for tensor in (query, key, value):
+        torch._check(tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu")
+        torch._check(tensor.dim() == 4 and tensor.stride(-1) == 1)
+    torch._check(key.shape == value.shape and key.stride() == value.stride())
+    torch._check(query.shape[:2] == key.shape[:2] and query.shape[-1] == key.shape[-1])
+    torch._check(query.shape[-1] % 2 == 0 and query.shape[-1] <= MAX_HEAD_DIM)
+    torch._check(key.shape[2] > 0)
 
 
 @torch.library.custom_op("sd_distill::cpu_attention", mutates_args=())
@@ -120,6 +138,7 @@ def cpu_attention(
     kernel stores it), and each query row's log-sum-exp of the scaled scores, (B, H, L) fp32."""
     library = _library()
     assert library is not None, "cpu_attention called where the kernel is not available"
+    _check_inputs(query, key, value)
     batch, heads, length, dim = query.shape
     keys = key.shape[2]
     packed = query.new_empty(batch * heads, library.attention_forward_pack_size(keys, dim))
@@ -132,7 +151,7 @@ def cpu_attention(
         )  # fmt: skip
         return 0
 
-    _run_split(pack, batch * heads)
+    _run(pack, _ranges(batch * heads))
     out = query.new_empty(batch, length, heads, dim).transpose(1, 2)
     lse = query.new_empty(batch, heads, length, dtype=torch.float32)
 
@@ -142,7 +161,7 @@ def cpu_attention(
             scale, out.data_ptr(), *out.stride()[:3], lse.data_ptr(), begin, end,
         )  # fmt: skip
 
-    _run_split(attend, batch * heads * _ceil_div(length, FORWARD_QUERIES))
+    _run(attend, _ranges(batch * heads * _ceil_div(length, FORWARD_QUERIES)))
     return out, lse
 
 
@@ -153,6 +172,7 @@ def _(query, key, value, scale):  # noqa: ANN001, ANN202 (torch.library's signat
     return out, query.new_empty(batch, heads, length, dtype=torch.float32)
 
 
+@torch.library.custom_op("sd_distill::cpu_attention_backward", mutates_args=())
 def cpu_attention_backward(
     grad_out: torch.Tensor,  # (B, H, L, D) bf16
     query: torch.Tensor,
@@ -162,12 +182,16 @@ def cpu_attention_backward(
     lse: torch.Tensor,  # the forward's (B, H, L) fp32
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of `cpu_attention` on the kernel, from the forward's output and lse."""
+    """(dq, dk, dv) of `cpu_attention` on the kernel, from the forward's output and lse; each
+    stored as (B, L or S, H, D), like the forward's output. Its own op, so that a compiled
+    backward traces it as one call."""
     library = _library()
     assert library is not None, "cpu_attention_backward called where the kernel is not available"
+    _check_inputs(query, key, value)
     batch, heads, length, dim = query.shape
     keys = key.shape[2]
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    lse = lse.contiguous()
     # Σ_d dO·O per query row, (B, H, L) fp32: the softmax's Jacobian term.
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
     packed = query.new_empty(batch * heads, library.attention_backward_pack_size(length, keys, dim))
@@ -180,14 +204,17 @@ def cpu_attention_backward(
         )  # fmt: skip
         return 0
 
-    _run_split(pack, batch * heads)
+    _run(pack, _ranges(batch * heads))
     grad_key = query.new_empty(batch, keys, heads, dim).transpose(1, 2)
     grad_value = query.new_empty(batch, keys, heads, dim).transpose(1, 2)
-    items = batch * heads * _ceil_div(keys, BACKWARD_KEYS)
-    # Items of one head share its query rows: each thread sums its dq apart, in fp32.
+    tiles = _ceil_div(keys, BACKWARD_KEYS)
+    ranges = _ranges(batch * heads * tiles)
+    # Items of one head share its query rows: each thread sums dq in fp32 for the heads of its
+    # items, (heads, padded rows, width), and the sums are added up below.
     padded_length = _ceil_div(length, BACKWARD_QUERIES) * BACKWARD_QUERIES
     width = _ceil_div(dim, 16) * 16
-    grad_query_sums = torch.zeros(_worker_count(items), batch * heads, padded_length, width)
+    head_spans = [(begin // tiles, (end - 1) // tiles + 1) for begin, end in ranges]
+    sums = [torch.zeros(last - first, padded_length, width) for first, last in head_spans]
 
     def differentiate(begin: int, end: int, worker: int) -> int:
         return library.attention_backward(
@@ -195,14 +222,26 @@ def cpu_attention_backward(
             grad_out.data_ptr(), *grad_out.stride()[:3],
             lse.data_ptr(), delta.data_ptr(), packed.data_ptr(), length, keys, dim, scale,
             grad_key.data_ptr(), grad_value.data_ptr(), *grad_key.stride()[:3],
-            grad_query_sums[worker].data_ptr(), begin, end,
+            sums[worker].data_ptr(), head_spans[worker][0], begin, end,
         )  # fmt: skip
 
-    _run_split(differentiate, items)
+    _run(differentiate, ranges)
+    total = sums[0] if len(sums) == 1 else torch.zeros(batch * heads, padded_length, width)
+    if len(sums) > 1:
+        for (first, last), part in zip(head_spans, sums, strict=True):
+            total[first:last] += part
     grad_query = query.new_empty(batch, length, heads, dim).transpose(1, 2)
-    summed = grad_query_sums.sum(0).view(batch, heads, padded_length, width)
-    grad_query.copy_(summed[:, :, :length, :dim])
+    grad_query.copy_(total.view(batch, heads, padded_length, width)[:, :, :length, :dim])
     return grad_query, grad_key, grad_value
+
+
+@cpu_attention_backward.register_fake
+def _(grad_out, query, key, value, out, lse, scale):  # noqa: ANN001, ANN202
+    def like(tensor: torch.Tensor) -> torch.Tensor:
+        batch, heads, length, dim = tensor.shape
+        return tensor.new_empty(batch, length, heads, dim).transpose(1, 2)
+
+    return like(query), like(key), like(value)
 
 
 def _save_for_backward(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -281,6 +320,10 @@ class KernelAttnProcessor(AttnProcessor2_0):
     def __call__(self, attn: Attention, *args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
         with KernelAttentionMode():
             return super().__call__(attn, *args, **kwargs)
+
+    # diffusers passes a processor only the cross_attention_kwargs its signature names (0.42,
+    # `Attention.forward`): the parent's, not (*args, **kwargs).
+    __call__.__signature__ = inspect.signature(AttnProcessor2_0.__call__)
 
 
 def use_kernel_attention(

@@ -362,16 +362,18 @@ void attention_backward_pack(const bf16* q, const bf16* k, const bf16* v, const 
 
 // Backward for work items [item_begin, item_end): item i is (head i / tiles, keys
 // 64·(i % tiles) onward), tiles = ceil(kv_len / 64). It writes those keys' rows of grad_k and
-// grad_v, and adds its part of grad_q to grad_q_acc: fp32 (heads, round_up(q_len, 64),
-// blocks·16), one per thread (items of one head share query rows). delta: fp32
-// (batch·heads, q_len), Σ_d dO·out per query row. Returns 0, or -1 for a head_dim it cannot take.
+// grad_v, and adds its part of grad_q to grad_q_acc: fp32 (heads from first_head on,
+// round_up(q_len, 64), blocks·16), one per thread for the heads of its items (items of one head
+// share query rows). delta: fp32 (batch·heads, q_len), Σ_d dO·out per query row. Returns 0, or
+// -1 for a head_dim it cannot take.
 int attention_backward(const bf16* q, int64_t heads_per_batch, int64_t q_batch_stride,
                        int64_t q_head_stride, int64_t q_row_stride, const bf16* grad_out,
                        int64_t go_batch_stride, int64_t go_head_stride, int64_t go_row_stride,
                        const float* lse, const float* delta, const bf16* packed, int64_t q_len,
                        int64_t kv_len, int64_t head_dim, float scale, bf16* grad_k, bf16* grad_v,
                        int64_t gkv_batch_stride, int64_t gkv_head_stride, int64_t gkv_row_stride,
-                       float* grad_q_acc, int64_t item_begin, int64_t item_end) {
+                       float* grad_q_acc, int64_t first_head, int64_t item_begin,
+                       int64_t item_end) {
   const RowPairProduct product = row_pair_product_for(head_dim);
   if (product == nullptr) return -1;
   constexpr int QT = kBackwardQueries, KT = kBackwardKeys;
@@ -402,7 +404,7 @@ int attention_backward(const bf16* q, int64_t heads_per_batch, int64_t q_batch_s
     const bf16* go_rows = q_rows + queries_padded * width;
     const bf16* query = q + q_at.at(head);
     const bf16* grad_output = grad_out + go_at.at(head);
-    float* grad_q_head = grad_q_acc + head * queries_padded * width;
+    float* grad_q_head = grad_q_acc + (head - first_head) * queries_padded * width;
     std::fill(grad_k_acc, grad_k_acc + KT * width, 0.0f);
     std::fill(grad_v_acc, grad_v_acc + KT * width, 0.0f);
 

@@ -94,6 +94,58 @@ def test_forward_and_backward_are_as_exact_as_torch(query_shape, kv_shape) -> No
         assert relative_error(ours, exact) < bound, name
 
 
+def diffusers_layout(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values as diffusers' processor hands them over: (B, L, H·D) projections viewed
+    as (B, H, L, D), a transposed, non-contiguous view."""
+    batch, heads, length, dim = tensor.shape
+    return (
+        tensor.transpose(1, 2)
+        .contiguous()
+        .view(batch, length, heads * dim)
+        .view(batch, length, heads, dim)
+        .transpose(1, 2)
+    )
+
+
+def test_autograd_runs_the_kernels_backward_on_diffusers_layout() -> None:
+    """From 1,024 keys the op's backward is the kernel's: through autograd, on the transposed
+    views diffusers passes, as exact as torch's kernel."""
+    query, key, value, grad_out = (
+        diffusers_layout(t) for t in bf16_inputs((1, 2, 1024, 40), (1, 2, 1024, 40), seed=2)
+    )
+    assert not query.is_contiguous()
+    leaves = [t.detach().requires_grad_() for t in (query, key, value)]
+    with torch.profiler.profile() as profile:
+        out, _ = cpu_attention(*leaves, 40**-0.5)
+        out.backward(grad_out)
+    calls = {event.key for event in profile.key_averages()}
+    assert "sd_distill::cpu_attention_backward" in calls
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" not in calls
+    _, _, *exact = reference(query, key, value, grad_out)
+    _, *on_torch = torch_kernel(query, key, value, grad_out)
+    for name, leaf, theirs, expected in zip(
+        ("dq", "dk", "dv"), leaves, on_torch, exact, strict=True
+    ):
+        assert relative_error(leaf.grad, expected) < 1.1 * relative_error(theirs, expected), name
+
+
+def test_a_compiled_step_traces_both_passes() -> None:
+    """torch.compile (AOTAutograd traces the backward with fake tensors) gives the eager
+    gradients: both passes are ops with fake implementations."""
+    inputs = bf16_inputs((1, 2, 1024, 40), (1, 2, 1024, 40), seed=3)
+
+    def loss(query, key, value, grad_out):  # noqa: ANN001, ANN202
+        return (cpu_attention(query, key, value, 40**-0.5)[0].float() * grad_out).sum()
+
+    results = []
+    for function in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in inputs[:3]]
+        function(*leaves, inputs[3]).backward()
+        results.append([leaf.grad for leaf in leaves])
+    for eager, compiled in zip(*results, strict=True):
+        assert torch.equal(eager, compiled)
+
+
 def test_two_threads_split_the_work_to_the_same_result() -> None:
     query, key, value, grad_out = bf16_inputs((1, 3, 200, 40), (1, 3, 150, 40), seed=1)
     scale = 40**-0.5

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from core.cpu_attention import available as attention_kernel_available
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -138,3 +140,25 @@ def test_cache_precision_runs_both_dtypes_and_draws_their_curves(tmp_path, capsy
         assert all(abs(h - f) <= 0.01 * f for (_, h), (_, f) in zip(half, full, strict=True))
     assert out.stat().st_size > 0
     assert "largest relative gap" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    not attention_kernel_available(),
+    reason="the attention kernel needs x86 with AVX512-BF16 and g++",
+)
+def test_the_attention_benchmark_times_both_kernels_and_the_routing(capsys):
+    benchmark = load_benchmark("attention_kernel")
+    returned = benchmark.main(["--max-tokens", "1024", "--repeats", "1", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(returned))
+    assert [row["shape"] for row in printed["rows"]] == [
+        "self 32×32",
+        "self 16×16",
+        "self 8×8",
+        "cross 32×32",
+    ]
+    passes = ("torch_forward", "kernel_forward", "torch_backward", "kernel_backward")
+    for row in printed["rows"]:
+        assert all(row[name] > 0 for name in passes), row
+    assert set(printed["step_ms"]) == {"torch", "kernel", "routed"}
+    assert all(value > 0 for value in printed["step_ms"].values())
