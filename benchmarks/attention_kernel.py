@@ -1,7 +1,7 @@
 """Time the CPU attention kernel (`core.cpu_attention`) against torch's flash kernel.
 
 Both kernels are timed at every shape. `core.cpu_attention` sends each pass to the kernel only
-where it measured faster here (`KERNEL_FORWARD_MIN_SCORES`, `KERNEL_BACKWARD_MIN_KEYS`): the
+where it measured faster here (`kernel_forward_is_faster`, `kernel_backward_is_faster`): the
 step totals are printed for torch's kernels, the kernel everywhere, and that routing.
 
 At SD v1.4's attention shapes at 512 px, batch 1, bf16: the self-attention of each latent
@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.cpu_attention import (  # noqa: E402
-    KERNEL_BACKWARD_MIN_KEYS,
-    KERNEL_FORWARD_MIN_SCORES,
     available,
     cpu_attention,
     cpu_attention_backward,
+    kernel_backward_is_faster,
+    kernel_forward_is_faster,
 )
 
 # (name, query tokens, key tokens, heads, head dim, calls per step: teacher forward, student
@@ -111,8 +111,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     totals["routed"] = 0.0
     for (_, queries, keys, *_), row in zip(shapes, rows, strict=True):
-        forward = "kernel" if queries * keys >= KERNEL_FORWARD_MIN_SCORES else "torch"
-        backward = "kernel" if keys >= KERNEL_BACKWARD_MIN_KEYS else "torch"
+        forward = "kernel" if kernel_forward_is_faster(queries, keys) else "torch"
+        backward = "kernel" if kernel_backward_is_faster(keys) else "torch"
         totals["routed"] += step_ms(f"{forward}_forward", f"{backward}_backward", row)
     result = {"threads": torch.get_num_threads(), "rows": rows, "step_ms": totals}
     if args.json:

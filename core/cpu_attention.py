@@ -51,6 +51,16 @@ FORWARD_QUERIES, BACKWARD_KEYS, BACKWARD_QUERIES = 32, 64, 64
 # (1.05× at 1,024, 1.56× at 4,096; torch's is faster at 256 keys and at 77 text tokens).
 KERNEL_FORWARD_MIN_SCORES = 128 * 128  # query tokens × key tokens per head
 KERNEL_BACKWARD_MIN_KEYS = 1024
+
+
+def kernel_forward_is_faster(queries: int, keys: int) -> bool:
+    return queries * keys >= KERNEL_FORWARD_MIN_SCORES
+
+
+def kernel_backward_is_faster(keys: int) -> bool:
+    return keys >= KERNEL_BACKWARD_MIN_KEYS
+
+
 # ctypes signatures, by argument kind: p pointer, i int64, f float.
 _SIGNATURES = {
     "attention_forward_pack_size": ("ii", _I64),
@@ -116,15 +126,39 @@ def _ceil_div(value: int, divisor: int) -> int:
     return -(-value // divisor)
 
 
+def kernel_reads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the operands are what the kernel reads: bf16 CPU (B, H, tokens, D) with each row
+    contiguous, keys and values of one shape and strides (it packs both with the keys' strides),
+    an even head dim up to 256, at least one key."""
+    tensors = (query, key, value)
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
+        and all(t.dim() == 4 and t.stride(-1) == 1 for t in tensors)
+        and key.shape == value.shape
+        and key.stride() == value.stride()
+        and query.shape[:2] == key.shape[:2]
+        and query.shape[-1] == key.shape[-1]
+        and query.shape[-1] % 2 == 0
+        and query.shape[-1] <= MAX_HEAD_DIM
+        and key.shape[2] > 0
+    )
+
+
 def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-    """What the kernel reads its operands as (it packs values with the keys' strides)."""
-    for tensor in (query, key, value):
-        torch._check(tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu")
-        torch._check(tensor.dim() == 4 and tensor.stride(-1) == 1)
-    torch._check(key.shape == value.shape and key.stride() == value.stride())
-    torch._check(query.shape[:2] == key.shape[:2] and query.shape[-1] == key.shape[-1])
-    torch._check(query.shape[-1] % 2 == 0 and query.shape[-1] <= MAX_HEAD_DIM)
-    torch._check(key.shape[2] > 0)
+    torch._check(
+        kernel_reads(query, key, value),
+        lambda: (
+            "cpu_attention reads bf16 CPU (B, H, tokens, D) operands, rows contiguous, keys "
+            "and values alike, an even head dim up to 256 (core.cpu_attention.kernel_reads)"
+        ),
+    )
+
+
+def _flash_layout(like: torch.Tensor, tokens: int) -> torch.Tensor:
+    """An empty (B, H, tokens, D) tensor stored as (B, tokens, H, D), as torch's flash kernel
+    stores its output: the layout diffusers' (B, tokens, H·D) projections are views of."""
+    batch, heads, _, dim = like.shape
+    return like.new_empty(batch, tokens, heads, dim).transpose(1, 2)
 
 
 @torch.library.custom_op("sd_distill::cpu_attention", mutates_args=())
@@ -152,7 +186,7 @@ def cpu_attention(
         return 0
 
     _run(pack, _ranges(batch * heads))
-    out = query.new_empty(batch, length, heads, dim).transpose(1, 2)
+    out = _flash_layout(query, length)
     lse = query.new_empty(batch, heads, length, dtype=torch.float32)
 
     def attend(begin: int, end: int, _worker: int) -> int:
@@ -167,9 +201,8 @@ def cpu_attention(
 
 @cpu_attention.register_fake
 def _(query, key, value, scale):  # noqa: ANN001, ANN202 (torch.library's signature)
-    batch, heads, length, dim = query.shape
-    out = query.new_empty(batch, length, heads, dim).transpose(1, 2)
-    return out, query.new_empty(batch, heads, length, dtype=torch.float32)
+    batch, heads, length, _ = query.shape
+    return _flash_layout(query, length), query.new_empty(batch, heads, length, dtype=torch.float32)
 
 
 @torch.library.custom_op("sd_distill::cpu_attention_backward", mutates_args=())
@@ -205,8 +238,7 @@ def cpu_attention_backward(
         return 0
 
     _run(pack, _ranges(batch * heads))
-    grad_key = query.new_empty(batch, keys, heads, dim).transpose(1, 2)
-    grad_value = query.new_empty(batch, keys, heads, dim).transpose(1, 2)
+    grad_key, grad_value = _flash_layout(key, keys), _flash_layout(value, keys)
     tiles = _ceil_div(keys, BACKWARD_KEYS)
     ranges = _ranges(batch * heads * tiles)
     # Items of one head share its query rows: each thread sums dq in fp32 for the heads of its
@@ -226,22 +258,19 @@ def cpu_attention_backward(
         )  # fmt: skip
 
     _run(differentiate, ranges)
-    total = sums[0] if len(sums) == 1 else torch.zeros(batch * heads, padded_length, width)
+    total = sums[0]
     if len(sums) > 1:
+        total = torch.zeros(batch * heads, padded_length, width)
         for (first, last), part in zip(head_spans, sums, strict=True):
             total[first:last] += part
-    grad_query = query.new_empty(batch, length, heads, dim).transpose(1, 2)
+    grad_query = _flash_layout(query, length)
     grad_query.copy_(total.view(batch, heads, padded_length, width)[:, :, :length, :dim])
     return grad_query, grad_key, grad_value
 
 
 @cpu_attention_backward.register_fake
 def _(grad_out, query, key, value, out, lse, scale):  # noqa: ANN001, ANN202
-    def like(tensor: torch.Tensor) -> torch.Tensor:
-        batch, heads, length, dim = tensor.shape
-        return tensor.new_empty(batch, length, heads, dim).transpose(1, 2)
-
-    return like(query), like(key), like(value)
+    return tuple(_flash_layout(t, t.shape[2]) for t in (query, key, value))
 
 
 def _save_for_backward(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -252,7 +281,7 @@ def _save_for_backward(ctx, inputs, output) -> None:  # noqa: ANN001
 
 def _backward(ctx, grad_out, _grad_lse):  # noqa: ANN001, ANN202
     query, key, value, out, lse = ctx.saved_tensors
-    if key.shape[2] >= KERNEL_BACKWARD_MIN_KEYS:
+    if kernel_backward_is_faster(key.shape[2]):
         grads = cpu_attention_backward(grad_out, query, key, value, out, lse, ctx.scale)
     else:  # the forward's (out, lse) are what torch's flash backward expects of its forward
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -274,22 +303,15 @@ def kernel_takes(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> bool:
-    """Whether `F.scaled_dot_product_attention` with these arguments can run on the kernel."""
-    tensors = (query, key, value)
+    """Whether `F.scaled_dot_product_attention` with these arguments goes to the kernel: it
+    reads them, and measured faster at their shape."""
     return (
         attn_mask is None
         and dropout_p == 0.0
         and not is_causal
         and not enable_gqa
-        and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
-        and all(t.dim() == 4 and t.stride(-1) == 1 for t in tensors)
-        and key.shape == value.shape
-        and key.stride() == value.stride()
-        and query.shape[:2] == key.shape[:2]
-        and query.shape[-1] == key.shape[-1]
-        and query.shape[-1] % 2 == 0
-        and query.shape[-1] <= MAX_HEAD_DIM
-        and query.shape[2] * key.shape[2] >= KERNEL_FORWARD_MIN_SCORES
+        and kernel_reads(query, key, value)
+        and kernel_forward_is_faster(query.shape[2], key.shape[2])
         and available()
     )
 
